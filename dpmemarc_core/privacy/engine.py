@@ -1,0 +1,264 @@
+"""Book-keeping (BK) per-example clipping: one forward, one backward, clipped sum from stored a and g.
+
+Each trainable layer's output passes through a tap (an identity autograd node). The backward is run
+with the taps' shared anchor as its only input, so autograd computes every activation gradient but no
+weight gradient: weight gradients are formed once, already clipped, from `a` and `g`. Layer rules live
+in `layers/`; this file only orchestrates them and never knows which fine-tuning method it serves.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from torch import nn
+
+from dpmemarc_core.privacy.layers import SUPPORTED, GhostRule, handler_for
+from dpmemarc_core.privacy.layers.contributions import (
+    Factored,
+    Instantiated,
+    factored_clipped_sum,
+    factored_inner,
+    instantiated_clipped_sum,
+    norm_dtype,
+)
+
+CLIPPING_MODES = ("mixed", "ghost", "instantiate")
+CLIP_FNS = ("abadi", "automatic")
+BATCH_KEYS = ("input_ids", "inputs_embeds", "attention_mask", "labels")
+
+
+@dataclass
+class _LayerCall:
+    """One forward call of a trainable layer: its input until the output gradient arrives."""
+
+    path: str
+    module: nn.Module
+    handler: object
+    a: torch.Tensor | None
+
+
+@dataclass
+class _ParamBook:
+    """What one example-batch contributed to one parameter, across all calls that used it."""
+
+    instantiated: torch.Tensor | None = None  # (B, *shape), summed over calls
+    factored: list[Factored] = field(default_factory=list)
+    squared_norm: torch.Tensor | None = None  # two-pass mode: reduced at once
+
+
+class _Tap(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, anchor: torch.Tensor, on_grad) -> torch.Tensor:
+        ctx.on_grad = on_grad
+        ctx.anchor_meta = (anchor.dtype, anchor.device)
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ctx.on_grad(grad)
+        dtype, device = ctx.anchor_meta
+        return grad, torch.zeros((), dtype=dtype, device=device), None
+
+
+class BKEngine:
+    """Per-example clipping by book-keeping for every trainable parameter of `model`.
+
+    `clipped_backward(per_example_loss)` adds Σ_i c_i ∇L_i to each trainable parameter's `.grad`
+    (c_i = min(1, C/‖∇L_i‖) for "abadi", C/(‖∇L_i‖+γ) for "automatic") and returns ‖∇L_i‖.
+    `backward_passes=2` trades a second backward for memory: the first pass reduces each layer's
+    contribution to per-example squared norms at once (nothing kept per layer), the second
+    back-propagates Σ_i c_i L_i. That keeps BK buffers O(1) in depth, which reversible networks need.
+    """
+
+    def __init__(self, model: nn.Module, max_grad_norm: float = 1.0, clipping_mode: str = "mixed",
+                 clip_fn: str = "abadi", gamma: float = 0.01, backward_passes: int = 1) -> None:
+        if not (isinstance(max_grad_norm, (int, float)) and 0 < max_grad_norm < float("inf")):
+            raise ValueError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm!r}")
+        if clipping_mode not in CLIPPING_MODES:
+            raise ValueError(f"clipping_mode must be one of {CLIPPING_MODES}, got {clipping_mode!r}")
+        if clip_fn not in CLIP_FNS:
+            raise ValueError(f"clip_fn must be one of {CLIP_FNS}, got {clip_fn!r}")
+        if not (isinstance(gamma, (int, float)) and 0 < gamma < float("inf")):
+            raise ValueError(f"gamma must be a finite number > 0, got {gamma!r}")
+        if backward_passes not in (1, 2):
+            raise ValueError(f"backward_passes must be 1 or 2, got {backward_passes!r}")
+        self.model = model
+        self.max_grad_norm = float(max_grad_norm)
+        self.clipping_mode = clipping_mode
+        self.clip_fn = clip_fn
+        self.gamma = float(gamma)
+        self.backward_passes = backward_passes
+        self.params = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
+        if not self.params:
+            raise ValueError("BKEngine: the model has no parameter with requires_grad=True")
+        self._anchor = torch.zeros((), requires_grad=True)
+        self._calls: list[_LayerCall] = []
+        self._books: dict[int, _ParamBook] = {}
+        self._phase = "idle"  # "keep" (one-pass BK), "reduce" (first of two passes) or "idle"
+        self._batch_size: int | None = None
+        self.tap_backward_calls = 0  # layer-output gradients seen: one per layer call per backward pass
+        self._ghost = GhostRule(clipping_mode, set())
+        self._static_shared = self._attach()
+
+    # ---- hooks -----------------------------------------------------------------------------
+
+    def _attach(self) -> set[int]:
+        owners: dict[int, int] = defaultdict(int)
+        self._handles = [self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True)]
+        for path, module in self.model.named_modules():
+            own = {n: p for n, p in module._parameters.items() if p is not None and p.requires_grad}
+            if not own:
+                continue
+            handler = handler_for(module)
+            unhandled = sorted(set(own) - set(handler.param_names)) if handler else sorted(own)
+            if unhandled:
+                raise TypeError(
+                    f"BKEngine: module '{path}' of type {type(module).__module__}.{type(module).__qualname__} "
+                    f"has trainable parameters {unhandled} with no per-example gradient rule. "
+                    f"Supported: {SUPPORTED}. Freeze them (requires_grad=False) or use a supported layer.")
+            handler.check(module, path)
+            for p in own.values():
+                owners[id(p)] += 1
+            self._handles.append(module.register_forward_hook(partial(self._on_layer_call, path, handler)))
+        return {pid for pid, n in owners.items() if n > 1}
+
+    def detach(self) -> None:
+        """Remove every hook; the model behaves as before the engine was attached."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _on_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not torch.is_grad_enabled():
+            return
+        self._calls = []
+        self._batch_size = None
+        candidates = [kwargs.get(k) for k in BATCH_KEYS] + list(args)
+        for value in candidates:
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                self._batch_size = value.shape[0]
+                break
+
+    def _on_layer_call(self, path: str, handler, module: nn.Module, args: tuple, output: torch.Tensor):
+        if not torch.is_grad_enabled():
+            return None
+        a = handler.layer_input(module, args)
+        batch = self._batch_size
+        if batch is not None and batch > 1 and output.shape[0] == 1 and a.shape[0] == 1:
+            # HF builds position ids with batch size 1 and broadcasts them: expand, so the gradient
+            # that reaches this layer is per example instead of already summed over the batch.
+            a = a.expand(batch, *a.shape[1:])
+            output = output.expand(batch, *output.shape[1:])
+        call = _LayerCall(path, module, handler, a.detach())
+        self._calls.append(call)
+        return _Tap.apply(output, self._anchor, partial(self._on_grad, call))
+
+    def _on_grad(self, call: _LayerCall, g: torch.Tensor) -> None:
+        self.tap_backward_calls += 1
+        if self._phase == "idle" or call.a is None:
+            return
+        for param, contribution in call.handler.contributions(call.module, call.a, g.detach(), self._ghost):
+            self._book(param, contribution)
+        call.a = None  # the layer's BK buffer ends here unless the contribution kept it (factored)
+
+    def _book(self, param: torch.Tensor, contribution: object) -> None:
+        book = self._books.setdefault(id(param), _ParamBook())
+        if self._phase == "reduce" and id(param) not in self._ghost.shared:
+            # Used once: its squared norm is all the first pass needs, so nothing per layer is kept.
+            if isinstance(contribution, Instantiated):
+                sq = contribution.per_example.to(norm_dtype(contribution.per_example.dtype)).flatten(1).pow(2).sum(1)
+            else:
+                sq = factored_inner(contribution, contribution)
+            book.squared_norm = sq if book.squared_norm is None else book.squared_norm + sq
+        elif isinstance(contribution, Instantiated):
+            pe = contribution.per_example
+            book.instantiated = pe if book.instantiated is None else book.instantiated + pe
+        else:
+            book.factored.append(contribution)
+
+    # ---- the clipped backward --------------------------------------------------------------
+
+    def clipped_backward(self, per_example_loss: torch.Tensor) -> torch.Tensor:
+        """Add the clipped per-example gradient sum to `.grad`; return the unclipped norms [B]."""
+        if per_example_loss.dim() != 1:
+            raise ValueError(f"per_example_loss must be 1-D [batch], got shape {tuple(per_example_loss.shape)}")
+        batch = per_example_loss.shape[0]
+        if self._batch_size is not None and batch != self._batch_size:
+            raise ValueError(f"per_example_loss has {batch} entries but the forward pass saw batch size "
+                             f"{self._batch_size}")
+        if batch == 0:
+            self._reset()
+            return per_example_loss.detach().new_zeros(0, dtype=norm_dtype(per_example_loss.dtype))
+        if not per_example_loss.requires_grad:
+            raise ValueError("per_example_loss does not depend on any trainable parameter (no grad_fn); "
+                             "was the forward run under torch.no_grad()?")
+        self._ghost.shared = self._static_shared | self._called_twice()
+        try:
+            if self.backward_passes == 1:
+                self._phase = "keep"
+                torch.autograd.grad(per_example_loss.sum(), [self._anchor], allow_unused=True)
+                norms = self._norms(batch, per_example_loss)
+                self._add_clipped_sums(self._clip_factors(norms))
+            else:
+                self._phase = "reduce"
+                torch.autograd.grad(per_example_loss.sum(), [self._anchor], allow_unused=True, retain_graph=True)
+                norms = self._norms(batch, per_example_loss)
+                factors = self._clip_factors(norms).to(per_example_loss.dtype)
+                self._phase = "idle"
+                torch.autograd.backward((per_example_loss * factors.detach()).sum(), inputs=self.params)
+        finally:
+            self._reset()
+        return norms.detach()
+
+    def _called_twice(self) -> set[int]:
+        counts: dict[int, int] = defaultdict(int)
+        for call in self._calls:
+            for p in call.module._parameters.values():
+                if p is not None and p.requires_grad:
+                    counts[id(p)] += 1
+        return {pid for pid, n in counts.items() if n > 1}
+
+    def _reset(self) -> None:
+        self._phase = "idle"
+        self._calls = []
+        self._books = {}
+        self._batch_size = None
+
+    def _norms(self, batch: int, like: torch.Tensor) -> torch.Tensor:
+        squared = torch.zeros(batch, dtype=norm_dtype(like.dtype), device=like.device)
+        for book in self._books.values():
+            if book.instantiated is not None:
+                if book.factored:
+                    raise RuntimeError("BKEngine: a parameter has both instantiated and factored uses")
+                squared = squared + book.instantiated.to(squared.dtype).flatten(1).pow(2).sum(1)
+            if book.squared_norm is not None:
+                squared = squared + book.squared_norm.to(squared.dtype)
+            for i, u in enumerate(book.factored):
+                squared = squared + factored_inner(u, u).to(squared.dtype)
+                for v in book.factored[i + 1:]:
+                    squared = squared + 2 * factored_inner(u, v).to(squared.dtype)
+        return squared.clamp(min=0).sqrt()
+
+    def _clip_factors(self, norms: torch.Tensor) -> torch.Tensor:
+        if self.clip_fn == "automatic":
+            return self.max_grad_norm / (norms + self.gamma)
+        return (self.max_grad_norm / norms).clamp(max=1.0)  # norm 0 → inf → 1: no NaN, no branch
+
+    def _add_clipped_sums(self, factors: torch.Tensor) -> None:
+        by_id = {id(p): p for p in self.params}
+        for pid, book in self._books.items():
+            param = by_id[pid]
+            total = None
+            if book.instantiated is not None:
+                total = instantiated_clipped_sum(book.instantiated, factors)
+            for f in book.factored:
+                part = factored_clipped_sum(f, factors, param.shape)
+                total = part if total is None else total + part
+            total = total.to(param.dtype)
+            if param.grad is None:
+                param.grad = total
+            else:
+                param.grad.add_(total)
