@@ -28,6 +28,18 @@ from dpmemarc_core.privacy.layers.contributions import (
 CLIPPING_MODES = ("mixed", "ghost", "instantiate")
 CLIP_FNS = ("abadi", "automatic")
 BATCH_KEYS = ("input_ids", "inputs_embeds", "attention_mask", "labels")
+_TAPPING: dict[int, torch.Tensor] = {}  # by id: anchors of engines whose BK backward pass is running now
+
+
+def bk_backward_inputs() -> list[torch.Tensor]:
+    """Extra `inputs=` for a backward that a custom autograd Function runs inside its own backward.
+
+    A reversible block recomputes its layers during backward and back-propagates through them with
+    `torch.autograd.grad`. While a BK pass is running, it must add these anchors to that call's
+    inputs (so the taps of the recomputed layers fire) and may skip parameter gradients, which BK
+    forms itself. Empty outside a BK pass.
+    """
+    return list(_TAPPING.values())
 
 
 @dataclass
@@ -197,6 +209,7 @@ class BKEngine:
                              "was the forward run under torch.no_grad()?")
         self._ghost.shared = self._static_shared | self._called_twice()
         try:
+            _TAPPING[id(self._anchor)] = self._anchor
             if self.backward_passes == 1:
                 self._phase = "keep"
                 torch.autograd.grad(per_example_loss.sum(), [self._anchor], allow_unused=True)
@@ -208,8 +221,10 @@ class BKEngine:
                 norms = self._norms(batch, per_example_loss)
                 factors = self._clip_factors(norms).to(per_example_loss.dtype)
                 self._phase = "idle"
+                _TAPPING.pop(id(self._anchor))
                 torch.autograd.backward((per_example_loss * factors.detach()).sum(), inputs=self.params)
         finally:
+            _TAPPING.pop(id(self._anchor), None)
             self._reset()
         return norms.detach()
 

@@ -1,0 +1,30 @@
+"""The Gaussian mechanism on a clipped gradient sum: add σ·C·N(0, I), divide by the expected batch size."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+
+def privatize_gradients(params: Iterable[torch.nn.Parameter], noise_multiplier: float, max_grad_norm: float,
+                        expected_batch_size: float, generator: torch.Generator | None = None) -> None:
+    """Turn each `.grad` (a clipped per-example sum) into a noisy mean, in place.
+
+    Dividing by the *expected* batch size (q·N under Poisson sampling), not the realised one, keeps
+    the sensitivity analysis valid; an empty batch still gets noise (a parameter without `.grad` is
+    treated as a zero sum).
+    """
+    if not expected_batch_size > 0:
+        raise ValueError(f"expected_batch_size must be > 0, got {expected_batch_size!r}")
+    std = noise_multiplier * max_grad_norm
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        if std > 0:
+            if p.grad.device.type == "meta" or generator is None:
+                noise = torch.randn_like(p.grad)
+            else:
+                noise = torch.randn(p.grad.shape, generator=generator, dtype=p.grad.dtype, device=p.grad.device)
+            p.grad.add_(noise, alpha=std)
+        p.grad.div_(expected_batch_size)
