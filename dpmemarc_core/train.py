@@ -1,0 +1,233 @@
+"""The one private training loop: Poisson batches, BK clipping, Gaussian noise, DP-Adam, accounting.
+
+`PrivateTrainer` runs steps on one site's data and leaves the accountant to its owner, so the CLI
+(one run) and a Flower client (many rounds, accountant kept across them) share every line of it.
+`train(TrainConfig)` is the single-site run behind `dpmemarc train`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from dpmemarc_core.losses import per_example_loss
+from dpmemarc_core.privacy import BKEngine, PoissonBatchSampler, PrivacyAccountant, PrivacySettings, noise_multiplier_for
+from dpmemarc_core.privacy.noise import privatize_gradients
+from dpmemarc_core.privacy.settings import check_count, check_sample_rate
+
+Collate = Callable[[list[dict]], dict[str, torch.Tensor]]
+
+
+def sample_rate_for(batch_size: int, num_examples: int) -> float:
+    """Poisson rate q = B/N giving the requested *expected* batch size."""
+    check_count(batch_size, "batch_size", minimum=1)
+    check_count(num_examples, "num_examples", minimum=1)
+    return check_sample_rate(min(1.0, batch_size / num_examples), "batch_size / num_examples")
+
+
+class StepStats:
+    """Running sums kept as tensors on the training device: no host sync per step (and none on meta)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.examples = 0
+        self.loss_sum: torch.Tensor | float = 0.0
+        self.clipped: torch.Tensor | int = 0
+
+    def as_dict(self) -> dict:
+        seen = max(self.examples, 1)
+        return {"steps": self.steps, "examples": self.examples, "train_loss": float(self.loss_sum) / seen,
+                "clipped_fraction": int(self.clipped) / seen}
+
+
+class PrivateTrainer:
+    """Runs private (or, at ε = ∞, ordinary) optimisation steps of `model` on `examples`.
+
+    Each step samples a Poisson batch (rate `sample_rate`, possibly empty), splits it into physical
+    micro-batches of at most `physical_batch_size` (the clipped sums accumulate in `.grad`), adds
+    σ·C·N(0, I), divides by the expected batch size, steps Adam and records the step in `accountant`.
+    """
+
+    def __init__(self, model: torch.nn.Module, examples: Sequence[dict], collate: Collate,
+                 privacy: PrivacySettings, sample_rate: float, noise_multiplier: float, lr: float = 5e-4,
+                 accountant: PrivacyAccountant | None = None, physical_batch_size: int | None = None,
+                 seed: int = 0, device: torch.device | str | None = None) -> None:
+        self.model = model
+        self.examples = examples
+        self.collate = collate
+        self.privacy = privacy
+        self.sample_rate = check_sample_rate(sample_rate)
+        self.noise_multiplier = float(noise_multiplier)
+        self.accountant = accountant if accountant is not None else PrivacyAccountant(privacy.accountant)
+        self.physical_batch_size = physical_batch_size
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.params, lr=lr)
+        self.seed = seed
+        self.runs = 0
+        # The meta device (memory simulation) has no generator; noise there is shape-only anyway.
+        self.generator = None if self.device.type == "meta" else torch.Generator(self.device).manual_seed(seed)
+        self.engine = None
+        if privacy.is_private:
+            self.engine = BKEngine(model, max_grad_norm=privacy.max_grad_norm, clipping_mode=privacy.clipping_mode,
+                                   clip_fn=privacy.clip_fn,
+                                   backward_passes=getattr(model, "recommended_backward_passes", 1))
+
+    @property
+    def expected_batch_size(self) -> float:
+        return self.sample_rate * len(self.examples)
+
+    def _micro_batches(self, indices: list[int]) -> list[list[int]]:
+        size = self.physical_batch_size or max(len(indices), 1)
+        return [indices[i:i + size] for i in range(0, len(indices), size)]
+
+    def step(self, indices: list[int], stats: StepStats) -> None:
+        self.model.train()
+        for chunk in self._micro_batches(indices):
+            batch = {k: v.to(self.device) for k, v in self.collate([self.examples[i] for i in chunk]).items()}
+            labels = batch.pop("labels")
+            losses = per_example_loss(self.model(**batch).logits, labels)
+            if self.engine is not None:
+                norms = self.engine.clipped_backward(losses)
+                stats.clipped = stats.clipped + (norms > self.privacy.max_grad_norm).sum()
+            else:
+                (losses.sum() / self.expected_batch_size).backward()
+            stats.loss_sum = stats.loss_sum + losses.detach().sum()
+            stats.examples += len(chunk)
+        if self.engine is not None:
+            privatize_gradients(self.params, self.noise_multiplier, self.privacy.max_grad_norm,
+                                self.expected_batch_size, self.generator)
+            self.accountant.step(self.noise_multiplier, self.sample_rate)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        stats.steps += 1
+
+    def run(self, steps: int, progress: bool = True, on_step: Callable[[int], None] | None = None,
+            description: str = "train") -> dict:
+        """Run `steps` steps; returns loss/examples/clipping statistics. Batches differ from call to call."""
+        sampler = PoissonBatchSampler(len(self.examples), self.sample_rate, steps, seed=self.seed * 100_003 + self.runs)
+        self.runs += 1
+        stats = StepStats()
+        bar = tqdm(sampler, total=steps, desc=description, disable=not progress, dynamic_ncols=True)
+        for indices in bar:
+            self.step(indices, stats)
+            if stats.steps % 10 == 0 or stats.steps == steps:
+                bar.set_postfix(loss=f"{float(stats.loss_sum) / max(stats.examples, 1):.3f}")
+            if on_step is not None:
+                on_step(stats.steps)
+        return stats.as_dict()
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one single-site run. Defaults follow the paper where they make sense."""
+
+    model: str = "minilm"
+    task: str = "movie-sentiment"
+    method: str = "lora"
+    epsilon: float = 8.0
+    delta: float | None = None
+    epochs: float | None = None
+    max_steps: int | None = None
+    batch_size: int = 32
+    physical_batch_size: int | None = None
+    lr: float = 5e-4
+    max_grad_norm: float = 1.0
+    clipping_mode: str = "mixed"
+    clip_fn: str = "abadi"
+    accountant: str = "rdp"
+    max_length: int = 128
+    max_train: int | None = None
+    max_eval: int | None = None
+    seed: int = 0
+    device: str | None = None
+    output: str | None = None
+    method_options: dict = field(default_factory=dict)
+    progress: bool = True
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device is 'cuda' but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+def planned_steps(cfg: TrainConfig, num_examples: int) -> int:
+    if cfg.max_steps is not None:
+        return check_count(cfg.max_steps, "max_steps", minimum=1)
+    epochs = 1.0 if cfg.epochs is None else cfg.epochs
+    if not (isinstance(epochs, (int, float)) and 0 < epochs < math.inf):
+        raise ValueError(f"epochs must be a finite number > 0, got {epochs!r}")
+    return max(1, round(epochs * num_examples / cfg.batch_size))
+
+
+def evaluate(model: torch.nn.Module, task, tokenizer, batch_size: int) -> dict:
+    from dpmemarc_core.metrics import evaluate_classification, evaluate_generation
+
+    if task.kind == "classification":
+        return evaluate_classification(model, task, batch_size=batch_size)
+    return evaluate_generation(model, tokenizer, task)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """One private fine-tuning run: evaluate, train, evaluate, write summary.json and the trainable state."""
+    from dpmemarc_core.data import load_task
+    from dpmemarc_core.methods import apply, trainable_state_dict
+    from dpmemarc_core.models import load_backbone, task_kind_of
+
+    privacy = PrivacySettings(target_epsilon=cfg.epsilon, delta=cfg.delta, max_grad_norm=cfg.max_grad_norm,
+                              clipping_mode=cfg.clipping_mode, clip_fn=cfg.clip_fn, accountant=cfg.accountant)
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    backbone, tokenizer = load_backbone(cfg.model, task_kind_of(cfg.task))
+    task = load_task(cfg.task, tokenizer, max_length=cfg.max_length, max_train=cfg.max_train,
+                     max_eval=cfg.max_eval, seed=cfg.seed)
+    model = apply(backbone, cfg.method, **cfg.method_options).to(device)
+    n = len(task.train)
+    delta = privacy.resolved_delta(n)
+    q = sample_rate_for(cfg.batch_size, n)
+    steps = planned_steps(cfg, n)
+    sigma = noise_multiplier_for(target_epsilon=privacy.target_epsilon, delta=delta, sample_rate=q, steps=steps,
+                                 accountant=privacy.accountant)
+    print(f"dpmemarc: {cfg.method} on {cfg.model} / {cfg.task}: {n} training examples, {steps} steps at expected "
+          f"batch {cfg.batch_size} (q={q:.4g}), epsilon={privacy.target_epsilon} delta={delta:.3g} -> noise "
+          f"multiplier {sigma:.4g}", flush=True)
+    eval_batch = cfg.physical_batch_size or max(cfg.batch_size, 32)
+    before = evaluate(model, task, tokenizer, eval_batch)
+    print(f"before training: {json.dumps(before)}", flush=True)
+    trainer = PrivateTrainer(model, task.train, task.collate, privacy, q, sigma, lr=cfg.lr,
+                             physical_batch_size=cfg.physical_batch_size, seed=cfg.seed, device=device)
+    start = time.perf_counter()
+    train_stats = trainer.run(steps, progress=cfg.progress)
+    seconds = time.perf_counter() - start
+    after = evaluate(model, task, tokenizer, eval_batch)
+    print(f"after training:  {json.dumps(after)}", flush=True)
+    spent = trainer.accountant.get_epsilon(delta) if privacy.is_private else math.inf
+    summary = {
+        "model": cfg.model, "task": cfg.task, "method": cfg.method,
+        "epsilon": spent, "target_epsilon": privacy.target_epsilon, "delta": delta,
+        "noise_multiplier": sigma, "sample_rate": q, "steps": steps, "train_examples": n,
+        "eval_examples": len(task.eval), "train_seconds": seconds,
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "metrics_before": before, "metrics": after, "train": train_stats,
+        "config": asdict(cfg),
+    }
+    if cfg.output:
+        out = Path(cfg.output)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in trainable_state_dict(model).items()},
+                  str(out / "trainable.safetensors"))
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        print(f"wrote {out / 'summary.json'} and {out / 'trainable.safetensors'}", flush=True)
+    return summary
