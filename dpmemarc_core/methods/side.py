@@ -1,0 +1,117 @@
+"""DP-MemArc's side network (`side`, after Ladder Side-Tuning, Sung et al. 2022; paper §3.1).
+
+The backbone runs under torch.no_grad(): nothing of it is kept for backward except the layer outputs the
+side network's down-projections read (their weight gradients need them). A ladder side network of width
+d/r (side_network.py), initialised by structural pruning of the backbone (side_init.py), is the only
+trainable part. Classification reads the side state at [CLS] (encoders) or the last real token
+(decoders) through a LayerNorm/RMSNorm and a linear classifier; generation up-projects the side state
+to d, adds it to the backbone's final hidden state and applies the frozen LM head.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutput, SequenceClassifierOutput
+
+from dpmemarc_core.losses import per_example_loss
+from dpmemarc_core.methods.side_families import Family, read_family
+from dpmemarc_core.methods.side_init import init_from_backbone, plan_pruning
+from dpmemarc_core.methods.side_network import LadderSideNetwork, allowed_keys
+
+
+def _hidden_of(output: torch.Tensor | tuple) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def pool(states: torch.Tensor, attention_mask: torch.Tensor | None, first_token: bool) -> torch.Tensor:
+    """[B, T, w] → [B, w]: position 0, or each example's last real token (right or left padding)."""
+    if first_token:
+        return states[:, 0]
+    batch, length, width = states.shape
+    if attention_mask is None:
+        return states[:, -1]
+    positions = torch.arange(length, device=states.device)
+    last = (attention_mask.to(device=states.device, dtype=torch.long) * positions).argmax(-1)
+    return states.gather(1, last.view(batch, 1, 1).expand(batch, 1, width)).squeeze(1)
+
+
+class SideTunedModel(nn.Module):
+    """A frozen backbone plus a trainable ladder side network, called like the backbone.
+
+    `forward(input_ids, attention_mask, labels, **backbone_kwargs)` returns `.logits` and, given labels,
+    `.loss`: the mean over examples of `dpmemarc_core.losses.per_example_loss`.
+    """
+
+    def __init__(self, backbone: nn.Module, family: Family, side: LadderSideNetwork) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.side = side
+        self.config = backbone.config
+        self.family = family
+
+    def backbone_states(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
+                        **backbone_kwargs) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Without autograd: [embedding output, layer 1 output, ..., layer L output] and the final hidden state."""
+        layers = self.family.layers
+        states: list[torch.Tensor] = []
+        handles = [layers[0].register_forward_pre_hook(
+            lambda module, args, kwargs: states.append(args[0] if args else kwargs["hidden_states"]),
+            with_kwargs=True)]
+        handles += [layer.register_forward_hook(lambda module, args, output: states.append(_hidden_of(output)))
+                    for layer in layers]
+        if self.family.causal:
+            backbone_kwargs.setdefault("use_cache", False)
+        try:
+            with torch.no_grad():
+                out = self.family.base(input_ids=input_ids, attention_mask=attention_mask, **backbone_kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return states, out.last_hidden_state
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, **backbone_kwargs) -> SequenceClassifierOutput | CausalLMOutput:
+        states, last_hidden = self.backbone_states(input_ids, attention_mask, **backbone_kwargs)
+        batch, length = states[0].shape[:2]
+        allowed = allowed_keys(attention_mask, batch, length, self.family.causal, states[0].device)
+        side = self.side(states, allowed)
+        if self.family.task == "classification":
+            logits = self.side.classifier(pool(side, attention_mask, self.family.pools_first_token))
+            output_type = SequenceClassifierOutput
+        else:
+            head = self.backbone.get_output_embeddings()
+            logits = head(last_hidden + self.side.up(side).to(last_hidden.dtype))
+            output_type = CausalLMOutput
+        loss = per_example_loss(logits, labels).mean() if labels is not None else None
+        return output_type(loss=loss, logits=logits)
+
+
+def apply_side(model: nn.Module, reduction: int = 8, **options) -> SideTunedModel:
+    """Freeze `model` and wrap it with a ladder side network of width hidden_size / `reduction`.
+
+    `model`: GPT2LMHeadModel, GPT2/Llama/BERT/RoBERTa ...ForSequenceClassification or LlamaForCausalLM.
+    `reduction` must divide the hidden size, the attention head size and the MLP size. The side network
+    is created on the backbone's device in its parameter dtype and is the only requires_grad part.
+    """
+    if options:
+        raise TypeError(f"side: unknown options {sorted(options)}; accepted: reduction")
+    family = read_family(model)
+    sizes = {"hidden size": family.hidden, "attention head size": family.head_dim, "MLP size": family.ffn}
+    if isinstance(reduction, bool) or not isinstance(reduction, int) or reduction < 1 or any(
+            size % reduction for size in sizes.values()):
+        divisors = [r for r in range(1, family.head_dim + 1) if all(size % r == 0 for size in sizes.values())]
+        raise ValueError(f"side: reduction must be an integer that divides {sizes}; accepted here: {divisors}, "
+                         f"got {reduction!r}")
+    num_labels = None
+    if family.task == "classification":
+        num_labels = model.config.num_labels
+        if num_labels < 2:
+            raise ValueError(f"side: config.num_labels must be >= 2 (classification with cross-entropy), "
+                             f"got {num_labels}")
+    model.requires_grad_(False)
+    reference = next(model.parameters())
+    side = LadderSideNetwork(family, reduction, num_labels, device=reference.device, dtype=reference.dtype)
+    init_from_backbone(side, family, plan_pruning(family, reduction),
+                       getattr(model.config, "initializer_range", 0.02))
+    return SideTunedModel(model, family, side)
