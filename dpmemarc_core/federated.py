@@ -1,0 +1,325 @@
+"""Federated private fine-tuning, transport-free: the run settings, what each process builds for a run,
+and one site's round of local DP training against a budget that lasts the whole run.
+
+The Flower apps (client/, server/) translate messages into these calls and back; nothing here imports
+Flower, so every step can be driven and tested directly.
+
+Privacy model: each site is its own DP unit. Its noise multiplier is fixed before the first round from
+the planned total number of local steps (rounds × local steps) at its own sampling rate, and its
+accountant composes every step it ever takes in the run. A round that would push the site past its
+(target ε, δ) is refused, not trained.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import secrets
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+
+import numpy as np
+import torch
+from torch import nn
+
+from dpmemarc_core.data import Task, load_task, partition
+from dpmemarc_core.privacy import PrivacyAccountant, PrivacySettings, noise_multiplier_for
+from dpmemarc_core.privacy.settings import check_count
+from dpmemarc_core.train import PrivateTrainer, evaluate, resolve_device, sample_rate_for
+
+PARTITIONINGS = ("iid", "dirichlet")
+# σ is searched so that the planned steps spend at most target ε; this slack only absorbs float noise in
+# recomputing that ε piecewise (round by round) instead of in one go.
+BUDGET_SLACK = 1e-9
+
+
+@dataclass(frozen=True)
+class FederatedConfig:
+    """The run config of a federated run (`[tool.flwr.app.config]`, keys with dashes).
+
+    Defaults equal pyproject.toml's (a test keeps them in step). Zero means "unset" where TOML has no
+    null: ``delta = 0`` is 1/N of each site, ``physical-batch-size = 0`` is the whole batch at once,
+    ``max-train = 0`` / ``max-eval = 0`` keep every example.
+    """
+
+    num_server_rounds: int = 3
+    model: str = "minilm"
+    task: str = "movie-sentiment"
+    method: str = "lora"
+    method_options: str = '{"r": 8}'
+    target_epsilon: float = 8.0
+    delta: float = 0.0
+    local_steps: int = 10
+    batch_size: int = 32
+    physical_batch_size: int = 0
+    lr: float = 0.002
+    max_grad_norm: float = 1.0
+    clipping_mode: str = "mixed"
+    clip_fn: str = "abadi"
+    accountant: str = "rdp"
+    partitioning: str = "iid"
+    dirichlet_alpha: float = 0.3
+    max_length: int = 64
+    max_train: int = 3000
+    max_eval: int = 500
+    seed: int = 0
+    device: str = "auto"
+    output_dir: str = "runs/federated"
+    max_update_norm: float = 100.0
+    min_valid_replies: int = 2
+    client_dp: bool = False
+    client_dp_noise_multiplier: float = 1.0
+    client_dp_clipping_norm: float = 1.0
+    round_timeout: float = 3600.0
+
+    def __post_init__(self) -> None:
+        for name in ("num_server_rounds", "local_steps", "batch_size", "max_length", "min_valid_replies"):
+            check_count(getattr(self, name), _key(name), minimum=1)
+        for name in ("physical_batch_size", "max_train", "max_eval", "seed"):
+            check_count(getattr(self, name), _key(name), minimum=0)
+        for name in ("lr", "max_update_norm", "dirichlet_alpha", "client_dp_clipping_norm", "round_timeout"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{_key(name)} must satisfy 0 < value < inf, got {getattr(self, name)!r}")
+        if not 0 <= self.client_dp_noise_multiplier < math.inf:
+            raise ValueError(f"client-dp-noise-multiplier must satisfy 0 <= value < inf, "
+                             f"got {self.client_dp_noise_multiplier!r}")
+        if self.delta != 0 and not 0 < self.delta < 1:
+            raise ValueError(f"delta must be 0 (= 1/N of each site) or satisfy 0 < value < 1, got {self.delta!r}")
+        if self.partitioning not in PARTITIONINGS:
+            raise ValueError(f"partitioning must be one of {PARTITIONINGS}, got {self.partitioning!r}")
+        if self.device != "auto":
+            resolve_device(self.device)
+        self.method_kwargs()
+        self.privacy_settings()
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, object]) -> FederatedConfig:
+        """Parse Flower's run config; unknown keys and values of the wrong type raise ValueError naming the key."""
+        types = {f.name: f.type for f in fields(cls)}
+        values = {}
+        for key, value in run_config.items():
+            name = key.replace("-", "_")
+            if name not in types:
+                raise ValueError(f"unknown run-config key '{key}'; accepted: {', '.join(map(_key, types))}")
+            values[name] = _typed(key, value, types[name])
+        return cls(**values)
+
+    def method_kwargs(self) -> dict:
+        """``method-options`` is a JSON object of the method's keyword arguments (e.g. ``{"r": 8}``)."""
+        try:
+            options = json.loads(self.method_options)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"method-options must be a JSON object, got {self.method_options!r}: {error}") from None
+        if not isinstance(options, dict):
+            raise ValueError(f"method-options must be a JSON object, got {self.method_options!r}")
+        return options
+
+    def privacy_settings(self) -> PrivacySettings:
+        return PrivacySettings(target_epsilon=self.target_epsilon, delta=self.delta or None,
+                               max_grad_norm=self.max_grad_norm, clipping_mode=self.clipping_mode,
+                               clip_fn=self.clip_fn, accountant=self.accountant)
+
+    @property
+    def planned_local_steps(self) -> int:
+        return self.num_server_rounds * self.local_steps
+
+    def torch_device(self) -> torch.device:
+        return resolve_device(None if self.device == "auto" else self.device)
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _typed(key: str, value: object, kind: str) -> object:
+    # Dataclass field types are strings under `from __future__ import annotations`.
+    if kind == "bool":
+        ok = isinstance(value, bool)
+    elif kind == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ValueError(f"run-config '{key}' must be a {kind}, got {value!r}")
+    return value
+
+
+# ---- what each process builds ---------------------------------------------------------------------------
+
+
+@dataclass
+class RunModel:
+    """The model of a run (backbone + method) and its task: the same in every process of the run."""
+
+    model: nn.Module
+    tokenizer: object
+    task: Task
+    device: torch.device
+
+
+def build_run_model(cfg: FederatedConfig) -> RunModel:
+    """Load the task, then the backbone with the method applied, seeded by ``cfg.seed``.
+
+    Every process (server, each site) builds this; the seed makes the randomly initialised parts that
+    stay frozen (if any) identical everywhere, and the server's initial trainable state is what every
+    site starts from.
+    """
+    from transformers import AutoTokenizer
+
+    from dpmemarc_core.methods import apply
+    from dpmemarc_core.models import load_backbone, resolve
+
+    # The tokenizer comes first because the task decides the model head (kind, number of labels).
+    tokenizer = AutoTokenizer.from_pretrained(resolve(cfg.model))
+    task = load_task(cfg.task, tokenizer, max_length=cfg.max_length, max_train=cfg.max_train or None,
+                     max_eval=cfg.max_eval or None, seed=cfg.seed)
+    torch.manual_seed(cfg.seed)
+    backbone, tokenizer = load_backbone(cfg.model, task.kind, num_labels=max(task.num_labels, 2))
+    device = cfg.torch_device()
+    model = apply(backbone, cfg.method, **cfg.method_kwargs()).to(device)
+    return RunModel(model=model, tokenizer=tokenizer, task=task, device=device)
+
+
+def site_task(task: Task, cfg: FederatedConfig, partition_id: int, num_partitions: int) -> Task:
+    """The task with only one site's share of the training examples (IID or Dirichlet(α) over labels)."""
+    labels = [e["labels"] for e in task.train] if cfg.partitioning == "dirichlet" else None
+    if labels is not None and task.kind != "classification":
+        raise ValueError("partitioning 'dirichlet' splits by label and needs a classification task")
+    indices = partition(len(task.train), num_partitions, partition_id, scheme=cfg.partitioning,
+                        alpha=cfg.dirichlet_alpha, labels=labels, seed=cfg.seed)
+    return replace(task, train=[task.train[i] for i in indices])
+
+
+# ---- one site's privacy and rounds ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SitePlan:
+    """A site's DP parameters for the whole run, fixed before its first step."""
+
+    num_examples: int
+    delta: float
+    sample_rate: float
+    noise_multiplier: float
+    planned_steps: int
+
+
+def plan_site(cfg: FederatedConfig, num_examples: int) -> SitePlan:
+    """σ such that rounds × local steps at rate q = batch/N spend at most the target ε at δ."""
+    privacy = cfg.privacy_settings()
+    delta = privacy.resolved_delta(num_examples)
+    q = sample_rate_for(cfg.batch_size, num_examples)
+    steps = cfg.planned_local_steps
+    sigma = noise_multiplier_for(target_epsilon=privacy.target_epsilon, delta=delta, sample_rate=q, steps=steps,
+                                 accountant=privacy.accountant)
+    return SitePlan(num_examples=num_examples, delta=delta, sample_rate=q, noise_multiplier=sigma,
+                    planned_steps=steps)
+
+
+@dataclass(frozen=True)
+class SiteRound:
+    """What one site did in one round. ``trained`` is False when the round was refused for the budget."""
+
+    trained: bool
+    epsilon: float
+    epsilon_if_trained: float
+    steps: int
+    total_steps: int
+    examples_seen: int
+    train_loss: float
+    peak_memory_bytes: int
+    seconds: float
+
+    def refusal_reason(self, target_epsilon: float, delta: float) -> str:
+        return (f"budget exhausted: {self.total_steps} steps spent epsilon={self.epsilon:.4g}; another round "
+                f"would reach epsilon={self.epsilon_if_trained:.4g} > target {target_epsilon:g} at delta={delta:.3g}")
+
+
+def run_site_round(model: nn.Module, task: Task, cfg: FederatedConfig, plan: SitePlan,
+                   accountant: PrivacyAccountant, device: torch.device) -> SiteRound:
+    """``cfg.local_steps`` DP steps on the site's examples, recorded in ``accountant``; or none at all if
+    they would take the site past its budget (then ``trained`` is False and nothing changes)."""
+    privacy = cfg.privacy_settings()
+    if privacy.is_private:
+        epsilon_next = accountant.epsilon_if(plan.noise_multiplier, plan.sample_rate, cfg.local_steps, plan.delta)
+        if epsilon_next > privacy.target_epsilon * (1 + BUDGET_SLACK):
+            return SiteRound(trained=False, epsilon=accountant.get_epsilon(plan.delta),
+                             epsilon_if_trained=epsilon_next, steps=0,
+                             total_steps=accountant.steps, examples_seen=0, train_loss=math.nan,
+                             peak_memory_bytes=0, seconds=0.0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    # Batches and noise must be unpredictable to the server: the run config (and so any seed in it) is
+    # known to every party, and noise drawn from a known seed could be subtracted again. (40 bits: the
+    # trainer derives its sampler seed as seed·100003 + run, which must fit int64.)
+    trainer = PrivateTrainer(model, task.train, task.collate, privacy, plan.sample_rate, plan.noise_multiplier,
+                             lr=cfg.lr, accountant=accountant, physical_batch_size=cfg.physical_batch_size or None,
+                             seed=secrets.randbits(40), device=device)
+    start = time.perf_counter()
+    try:
+        stats = trainer.run(cfg.local_steps, progress=False)
+    finally:
+        if trainer.engine is not None:
+            trainer.engine.detach()  # the model is reused next round; a new trainer hooks it again
+    epsilon = accountant.get_epsilon(plan.delta) if privacy.is_private else math.inf
+    return SiteRound(trained=True, epsilon=epsilon, epsilon_if_trained=epsilon, steps=stats["steps"],
+                     total_steps=accountant.steps, examples_seen=stats["examples"], train_loss=stats["train_loss"],
+                     peak_memory_bytes=peak_memory_bytes(device), seconds=time.perf_counter() - start)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak CUDA memory allocated since the last reset on a GPU; on CPU the process's peak resident set."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # Linux reports KiB, macOS bytes
+
+
+def restore_accountant(kind: str, *states: str | None) -> PrivacyAccountant:
+    """The accountant with the longest history among JSON ``states`` (absent ones skipped), else a new one.
+
+    A site may hold its own copy and receive the server's checkpointed copy after a restart; taking the
+    longer never under-counts steps already taken.
+    """
+    candidates = [PrivacyAccountant.from_state_dict(json.loads(s)) for s in states if s]
+    for accountant in candidates:
+        if accountant.kind != kind:
+            raise ValueError(f"accountant state is of kind {accountant.kind!r}, the run uses {kind!r}")
+    return max(candidates, key=lambda a: a.steps, default=None) or PrivacyAccountant(kind)
+
+
+# ---- the trainable state on the wire ---------------------------------------------------------------------
+
+
+def to_numpy_state(state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """The trainable state as numpy arrays; bfloat16 (which numpy lacks) travels as float32."""
+    return {name: (t.float() if t.dtype == torch.bfloat16 else t).detach().cpu().numpy() for name, t in state.items()}
+
+
+def load_numpy_state(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
+    """Load arrays into the model's trainable parameters, cast to each parameter's dtype; names and shapes
+    are checked by ``load_trainable_state_dict``."""
+    from dpmemarc_core.methods import load_trainable_state_dict
+
+    dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
+    state = {name: torch.from_numpy(np.array(a, copy=True)).to(dtypes.get(name, torch.float32))
+             for name, a in arrays.items()}
+    load_trainable_state_dict(model, state)
+
+
+def trainable_numpy_state(model: nn.Module) -> dict[str, np.ndarray]:
+    from dpmemarc_core.methods import trainable_state_dict
+
+    return to_numpy_state(trainable_state_dict(model))
+
+
+def evaluate_numpy_state(run: RunModel, arrays: Mapping[str, np.ndarray], batch_size: int) -> dict:
+    """Central evaluation of a global trainable state on the run's evaluation split."""
+    load_numpy_state(run.model, arrays)
+    return evaluate(run.model, run.task, run.tokenizer, batch_size)

@@ -1,0 +1,89 @@
+"""Flower ServerApp: rounds of validated FedAvg over the sites' trainable states, a checkpoint and a metrics
+line after each round, central evaluation, and resumption from the last checkpoint of ``output-dir``.
+
+The round loop is written out here (rather than `Strategy.start`) so that a resumed run keeps its round
+numbers and every round's outcome — including rejected updates and skipped rounds — lands in metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from logging import INFO
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+
+from dpmemarc_core.federated import FederatedConfig, build_run_model, evaluate_numpy_state, trainable_numpy_state
+from server.checkpoint import append_metrics, drop_metrics_after, latest_checkpoint, save_round
+from server.strategy import build_strategy
+from server.validation import update_problem
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_rounds(grid, FederatedConfig.from_run_config(context.run_config))
+
+
+def run_rounds(grid: Grid, cfg: FederatedConfig) -> None:
+    """Run (or resume) the federated run described by ``cfg`` on ``grid``."""
+    output_dir = Path(cfg.output_dir).expanduser().resolve()
+    run = build_run_model(cfg)
+    reference = trainable_numpy_state(run.model)
+    eval_batch = cfg.physical_batch_size or 64
+    update_bytes = sum(a.nbytes for a in reference.values())
+    log(INFO, "dpmemarc: %s on %s / %s; %d trainable tensors, %.3f MB per update; output in %s", cfg.method,
+        cfg.model, cfg.task, len(reference), update_bytes / 1e6, output_dir)
+
+    checkpoint = latest_checkpoint(output_dir)
+    if checkpoint is None:
+        state, accountants, first_round = reference, {}, 1
+        output_dir.mkdir(parents=True, exist_ok=True)
+        drop_metrics_after(output_dir, -1)  # lines of a run killed before its first checkpoint
+        start = evaluate_numpy_state(run, state, eval_batch)
+        log(INFO, "round 0 (starting model): %s", start)
+        append_metrics(output_dir, {"round": 0, "eval": start, "accuracy": start.get("accuracy")})
+    else:
+        problem = update_problem(checkpoint.state, reference, max_update_norm=float("inf"))
+        if problem is not None:
+            raise ValueError(f"{output_dir} holds round-{checkpoint.round} of a run whose trainable state does not "
+                             f"fit this run's model ({problem}); choose another output-dir")
+        state, accountants, first_round = checkpoint.state, checkpoint.accountants, checkpoint.round + 1
+        drop_metrics_after(output_dir, checkpoint.round)
+        log(INFO, "resuming after round %d from %s (accountants of partitions %s)", checkpoint.round, output_dir,
+            sorted(accountants))
+    if first_round > cfg.num_server_rounds:
+        log(INFO, "all %d rounds are already done in %s", cfg.num_server_rounds, output_dir)
+        return
+
+    strategy = build_strategy(cfg)
+    strategy.summary()
+    for server_round in range(first_round, cfg.num_server_rounds + 1):
+        log(INFO, "[ROUND %d/%d]", server_round, cfg.num_server_rounds)
+        started = time.perf_counter()
+        arrays = ArrayRecord({name: Array(value) for name, value in state.items()})
+        config = ConfigRecord({"accountants": json.dumps(accountants)})
+        replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, config, grid),
+                                        timeout=cfg.round_timeout)
+        aggregated, _ = strategy.aggregate_train(server_round, replies)
+        report = strategy.reports.pop(server_round)
+        if aggregated is not None:
+            state = {name: np.asarray(array.numpy()) for name, array in aggregated.items()}
+        accountants = {**accountants, **report.accountants}
+        evaluation = evaluate_numpy_state(run, state, eval_batch)
+        record = {
+            "round": server_round, "skipped": report.skipped, "accepted": report.accepted,
+            "accuracy": evaluation.get("accuracy"), "eval": evaluation,
+            "epsilon": {str(c["partition-id"]): c.get("epsilon") for c in report.clients if "partition-id" in c},
+            "clients": report.clients, "rejected": report.rejected, "dropped": report.dropped,
+            "update-bytes": update_bytes, "seconds": time.perf_counter() - started,
+        }
+        save_round(output_dir, server_round, state, accountants, record)
+        log(INFO, "round %d: %d accepted, %d rejected, %d dropped%s; eval %s; per-site epsilon %s", server_round,
+            report.accepted, len(report.rejected), len(report.dropped), " (skipped)" if report.skipped else "",
+            evaluation, record["epsilon"])

@@ -1,0 +1,177 @@
+"""FedAvg over validated updates, with optional client-level DP.
+
+`ValidatedUpdates` wraps a Flower strategy (FedAvg, or FedAvg inside Flower's server-side fixed-clipping
+DP wrapper) and sorts every training reply before the inner strategy sees it: failed replies, sites out
+of budget, and updates that fail `update_problem` are logged with the node and left out; the rest are
+aggregated. With fewer than `min_valid_replies` valid updates the round is skipped and the global model
+stays as it was. It sits outside the DP wrapper because that wrapper abandons a round on any failed reply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, Strategy
+
+from dpmemarc_core.federated import FederatedConfig
+from server.validation import update_problem
+
+WEIGHT_KEY = "aggregation-weight"  # set by the server on each valid reply, never taken from a site
+ARRAYS_KEY, METRICS_KEY, SITE_KEY = "arrays", "metrics", "site"
+
+
+@dataclass
+class RoundReport:
+    """Who took part in a round and what became of each reply."""
+
+    round: int
+    clients: list[dict] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)
+    dropped: list[int] = field(default_factory=list)
+    accountants: dict[str, str] = field(default_factory=dict)  # partition-id -> accountant state (JSON)
+    skipped: bool = False
+
+    @property
+    def accepted(self) -> int:
+        return sum(c["status"] == "accepted" for c in self.clients)
+
+
+class ValidatedUpdates(Strategy):
+    """Validate each training reply against the current global state, then let ``inner`` aggregate."""
+
+    def __init__(self, inner: Strategy, max_update_norm: float, min_valid_replies: int,
+                 uniform_weights: bool = False) -> None:
+        self.inner = inner
+        self.max_update_norm = max_update_norm
+        self.min_valid_replies = min_valid_replies
+        # Client-level DP calibrates noise to a mean of equally weighted, clipped updates.
+        self.uniform_weights = uniform_weights
+        self.global_state: dict[str, np.ndarray] = {}
+        self.sent_to: dict[int, set[int]] = {}
+        self.reports: dict[int, RoundReport] = {}
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> Update validation: max update norm %g, at least %d valid replies per round",
+            self.max_update_norm, self.min_valid_replies)
+        self.inner.summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self.global_state = {name: array.numpy() for name, array in arrays.items()}
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        self.sent_to[server_round] = {m.metadata.dst_node_id for m in messages}
+        return messages
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        report = RoundReport(round=server_round)
+        self.reports[server_round] = report
+        answered = {m.metadata.src_node_id for m in replies}
+        report.dropped = sorted(self.sent_to.pop(server_round, set()) - answered)
+        for node in report.dropped:
+            log(WARNING, "round %d: node %d did not reply (dropped out or timed out)", server_round, node)
+        valid = [m for m in replies if self._admit(m, report)]
+        if len(valid) < self.min_valid_replies:
+            report.skipped = True
+            log(WARNING, "round %d skipped: %d valid update(s), min-valid-replies is %d; global model unchanged",
+                server_round, len(valid), self.min_valid_replies)
+            return None, None
+        arrays, metrics = self.inner.aggregate_train(server_round, valid)
+        if arrays is None:
+            report.skipped = True
+            log(WARNING, "round %d skipped: the aggregation returned nothing; global model unchanged", server_round)
+            return None, metrics
+        # Aggregation may promote dtypes (float32 * weight); the global state keeps the reference dtypes.
+        return ArrayRecord({n: Array(np.asarray(arrays[n].numpy(), dtype=g.dtype))
+                            for n, g in self.global_state.items()}), metrics
+
+    def _admit(self, message: Message, report: RoundReport) -> bool:
+        """Record the reply in ``report``; True when its update may be aggregated."""
+        node = message.metadata.src_node_id
+        if message.has_error():
+            report.clients.append({"node": node, "status": "failed"})
+            report.rejected.append({"node": node, "reason": f"client error: {message.error.reason}"})
+            log(WARNING, "round %d: node %d failed: %s", report.round, node, message.error.reason)
+            return False
+        content = message.content
+        metrics = content.metric_records.get(METRICS_KEY)
+        site = content.config_records.get(SITE_KEY)
+        entry = {"node": node, **_site_fields(metrics)}
+        report.clients.append(entry)
+        if site is not None and "partition-id" in entry and isinstance(site.get("accountant"), str):
+            report.accountants[str(entry["partition-id"])] = site["accountant"]
+        if site is not None and site.get("status") == "budget-exhausted":
+            entry["status"] = "budget-exhausted"
+            log(INFO, "round %d: node %d (partition %s) is out of privacy budget: %s", report.round, node,
+                entry.get("partition-id"), site.get("reason"))
+            return False
+        problem, arrays = self._problem(content, metrics)
+        if problem is not None:
+            entry["status"] = "rejected"
+            report.rejected.append({"node": node, "partition-id": entry.get("partition-id"), "reason": problem})
+            log(WARNING, "round %d: rejected the update of node %d (partition %s): %s", report.round, node,
+                entry.get("partition-id"), problem)
+            return False
+        entry["status"] = "accepted"
+        # Re-pack in the global state's order: Flower's DP clipping pairs tensors by position.
+        content[ARRAYS_KEY] = ArrayRecord({n: Array(arrays[n]) for n in self.global_state})
+        metrics[WEIGHT_KEY] = 1.0 if self.uniform_weights else float(metrics["num-examples"])
+        return True
+
+    def _problem(self, content, metrics: MetricRecord | None) -> tuple[str | None, dict[str, np.ndarray]]:
+        if metrics is None:
+            return f"no '{METRICS_KEY}' MetricRecord in the reply", {}
+        examples = metrics.get("num-examples")
+        if isinstance(examples, bool) or not isinstance(examples, int) or examples < 1:
+            return f"num-examples must be a positive integer, got {examples!r}", {}
+        if set(content.array_records) != {ARRAYS_KEY}:
+            return f"expected exactly one ArrayRecord '{ARRAYS_KEY}', got {sorted(content.array_records)}", {}
+        arrays = {}
+        for name, array in content.array_records[ARRAYS_KEY].items():
+            try:
+                arrays[name] = array.numpy()
+            except Exception as error:  # a malformed payload can fail decoding in many ways
+                return f"tensor '{name}' cannot be decoded: {error}", {}
+        return update_problem(arrays, self.global_state, self.max_update_norm), arrays
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+
+def _site_fields(metrics: MetricRecord | None) -> dict:
+    if metrics is None:
+        return {}
+    names = {"partition-id": "partition-id", "epsilon": "epsilon", "num-examples": "examples",
+             "local-steps": "local-steps", "total-steps": "total-steps", "peak-memory-bytes": "peak-memory-bytes",
+             "train-loss": "train-loss", "seconds": "seconds"}
+    return {out: metrics[key] for key, out in names.items() if key in metrics}
+
+
+def build_strategy(cfg: FederatedConfig) -> ValidatedUpdates:
+    """FedAvg weighted by each site's number of examples; with ``client-dp``, Flower's server-side fixed
+    clipping + Gaussian noise around it, with equal weights.
+
+    The DP wrapper's noise is σ·C / ``num_sampled_clients``; passing ``min-valid-replies`` there makes the
+    noise at least what a mean of the actual (≥ min-valid-replies) updates needs.
+    """
+    fedavg = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=cfg.min_valid_replies,
+                    min_available_nodes=cfg.min_valid_replies, weighted_by_key=WEIGHT_KEY,
+                    arrayrecord_key=ARRAYS_KEY)
+    inner: Strategy = fedavg
+    if cfg.client_dp:
+        inner = DifferentialPrivacyServerSideFixedClipping(
+            fedavg, noise_multiplier=cfg.client_dp_noise_multiplier, clipping_norm=cfg.client_dp_clipping_norm,
+            num_sampled_clients=cfg.min_valid_replies)
+    return ValidatedUpdates(inner, max_update_norm=cfg.max_update_norm, min_valid_replies=cfg.min_valid_replies,
+                            uniform_weights=cfg.client_dp)

@@ -1,0 +1,202 @@
+"""The Flower apps end to end in one process: the real ClientApp and the ServerApp's round loop, joined by
+a Grid that hands each message to the ClientApp with one Context per node (as a SuperNode would), on a
+tiny BERT and the synthetic task. Budget refusal, accountant persistence, what leaves a site, a crashing
+and a silent site, and resumption after a killed run."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+from safetensors.numpy import load_file
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+from client.client_app import ACCOUNTANT_STATE_KEY
+from client.client_app import app as client_app
+from client.task import site_for
+from dpmemarc_core.federated import FederatedConfig, build_run_model, trainable_numpy_state
+from dpmemarc_core.offline import minilm_path
+from dpmemarc_core.privacy import epsilon
+from server.checkpoint import read_metrics
+from server.server_app import run_rounds
+
+LOCAL_STEPS = 2
+ROUNDS = 2
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A 2-layer BERT of hidden size 32 with MiniLM's (offline) tokenizer, saved like a pretrained model."""
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    BertForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(autouse=True)
+def server_identity():
+    """Messages take their sender from the process's task identity, which a ServerApp process has set."""
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def run_config(model_dir: str, output_dir, **overrides) -> dict:
+    config = {"model": model_dir, "task": "synthetic", "method": "lora", "method-options": '{"r": 2}',
+              "num-server-rounds": ROUNDS, "local-steps": LOCAL_STEPS, "batch-size": 8, "lr": 0.01,
+              "max-train": 64, "max-eval": 32, "max-length": 16, "device": "cpu", "min-valid-replies": 2,
+              "output-dir": str(output_dir)}
+    return config | overrides
+
+
+class InProcessGrid(Grid):
+    """Delivers messages to the ClientApp in this process. ``crash`` nodes reply with an error (as Flower
+    does for a ClientApp exception), ``silent`` nodes never reply, and ``die_in_round`` makes the grid raise
+    after the sites of that round have trained, as if the server process were killed."""
+
+    def __init__(self, run_config: dict, num_nodes: int = 3, crash: Iterable[int] = (),
+                 silent: Iterable[int] = (), die_in_round: int | None = None) -> None:
+        self.contexts = {
+            100 + i: Context(run_id=1, node_id=100 + i, node_config={"partition-id": i, "num-partitions": num_nodes},
+                             state=RecordDict(), run_config=run_config)
+            for i in range(num_nodes)
+        }
+        self.crash, self.silent, self.die_in_round = set(crash), set(silent), die_in_round
+        self.sent: dict[int, dict[str, np.ndarray]] = {}  # round -> the global state the sites received
+
+    def set_run(self, run) -> None:
+        raise NotImplementedError
+
+    @property
+    def run(self):
+        raise NotImplementedError
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages):
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):
+        raise NotImplementedError
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        replies = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            server_round = message.content["config"]["server-round"]
+            self.sent[server_round] = {k: a.numpy() for k, a in message.content["arrays"].items()}
+            if node in self.silent:
+                continue
+            if node in self.crash:
+                replies.append(Message(Error(code=0, reason="RuntimeError: CUDA out of memory"), reply_to=message))
+                continue
+            replies.append(client_app(message, self.contexts[node]))
+        if server_round == self.die_in_round:
+            raise KeyboardInterrupt("server killed")
+        return replies
+
+
+def site_epsilon(cfg: FederatedConfig, partition_id: int, num_nodes: int, steps: int) -> float:
+    """Reference: ε of a fresh accountant given ``steps`` steps of the site's planned σ and rate q."""
+    plan = site_for(cfg, partition_id, num_nodes).plan
+    return epsilon(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=steps,
+                   delta=plan.delta)
+
+
+def train_message(arrays: ArrayRecord, server_round: int, accountants: str = "{}") -> Message:
+    config = ConfigRecord({"server-round": server_round, "accountants": accountants})
+    return Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=100, message_type=MessageType.TRAIN)
+
+
+def test_site_refuses_the_round_past_its_budget_and_composes_every_round(tiny_model_dir, tmp_path):
+    config = run_config(tiny_model_dir, tmp_path)
+    cfg = FederatedConfig.from_run_config(config)
+    context = Context(run_id=1, node_id=100, node_config={"partition-id": 0, "num-partitions": 2},
+                      state=RecordDict(), run_config=config)
+    model = build_run_model(cfg).model
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    arrays = ArrayRecord({n: Array(a) for n, a in trainable_numpy_state(model).items()})
+
+    for server_round in range(1, ROUNDS + 1):
+        reply = client_app(train_message(arrays, server_round), context)
+        assert not reply.has_error()
+        metrics = reply.content["metrics"]
+        assert reply.content["site"]["status"] == "trained"
+        assert metrics["total-steps"] == server_round * LOCAL_STEPS
+        assert metrics["epsilon"] == pytest.approx(site_epsilon(cfg, 0, 2, server_round * LOCAL_STEPS), rel=1e-9)
+        # Only the trainable tensors leave the site: one ArrayRecord with exactly their names and sizes.
+        assert list(reply.content.array_records) == ["arrays"]
+        sent = reply.content["arrays"]
+        assert set(sent) == trainable
+        assert sent.count_bytes() < sum(p.numel() * p.element_size() for p in model.parameters()) / 50
+        assert sum(a.numpy().nbytes for a in sent.values()) == sum(
+            p.numel() * 4 for n, p in model.named_parameters() if n in trainable)
+        assert all(isinstance(v, (int, float)) for v in metrics.values())
+
+    plan = site_for(cfg, 0, 2).plan
+    assert epsilon(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
+                   steps=plan.planned_steps, delta=plan.delta) <= cfg.target_epsilon
+    spent = context.state.config_records[ACCOUNTANT_STATE_KEY]["state"]
+    refused = client_app(train_message(arrays, ROUNDS + 1), context)
+    assert refused.content["site"]["status"] == "budget-exhausted"
+    assert "budget exhausted" in refused.content["site"]["reason"]
+    assert list(refused.content.array_records) == []
+    assert refused.content["metrics"]["local-steps"] == 0
+    assert context.state.config_records[ACCOUNTANT_STATE_KEY]["state"] == spent
+
+
+def test_a_crashing_and_a_silent_site_do_not_stop_the_round(tiny_model_dir, tmp_path):
+    config = run_config(tiny_model_dir, tmp_path / "run", **{"num-server-rounds": 1})
+    grid = InProcessGrid(config, num_nodes=4, crash=[100], silent=[101])
+    run_rounds(grid, FederatedConfig.from_run_config(config))
+
+    record = read_metrics(tmp_path / "run")[-1]
+    assert record["round"] == 1 and not record["skipped"] and record["accepted"] == 2
+    assert record["dropped"] == [101]
+    assert record["rejected"] == [{"node": 100, "reason": "client error: RuntimeError: CUDA out of memory"}]
+    assert sorted(record["epsilon"]) == ["2", "3"]
+    final = load_file(str(tmp_path / "run" / "round-1.safetensors"))
+    assert any(not np.array_equal(final[n], grid.sent[1][n]) for n in final)
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint_with_the_sites_accountants(tiny_model_dir, tmp_path):
+    config = run_config(tiny_model_dir, tmp_path / "run")
+    cfg = FederatedConfig.from_run_config(config)
+    killed = InProcessGrid(config, num_nodes=2, die_in_round=2)
+    with pytest.raises(KeyboardInterrupt):
+        run_rounds(killed, cfg)
+    assert not (tmp_path / "run" / "round-2.safetensors").exists()
+
+    # A restarted run: new processes, so every site's Context.state is empty again.
+    resumed = InProcessGrid(config, num_nodes=2)
+    run_rounds(resumed, cfg)
+
+    metrics = read_metrics(tmp_path / "run")
+    assert [m["round"] for m in metrics] == [0, 1, 2]
+    assert 1 not in resumed.sent  # round 1 was not run again
+    round_1 = load_file(str(tmp_path / "run" / "round-1.safetensors"))
+    for name, value in round_1.items():
+        np.testing.assert_array_equal(value, resumed.sent[2][name])
+    # ε composes across the restart: round 2 adds to round 1's steps, restored from the checkpoint dir.
+    accountants = json.loads((tmp_path / "run" / "round-2.accountants.json").read_text())
+    for partition_id in range(2):
+        for record in metrics[1:]:
+            expected = site_epsilon(cfg, partition_id, 2, record["round"] * LOCAL_STEPS)
+            assert record["epsilon"][str(partition_id)] == pytest.approx(expected, rel=1e-9)
+        assert sum(n for _, _, n in json.loads(accountants[str(partition_id)])["history"]) == 2 * LOCAL_STEPS
