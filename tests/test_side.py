@@ -250,7 +250,7 @@ def test_meta_device_forward_and_backward():
 def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="reduction"):
         apply_side(_backbone("gpt2"), reduction=5)
-    with pytest.raises(TypeError, match="unknown options"):
+    with pytest.raises(ValueError, match="unknown option"):
         apply_side(_backbone("gpt2"), reduction=4, gate="fixed")
     with pytest.raises(TypeError, match="not supported"):
         apply_side(torch.nn.Linear(2, 2))

@@ -95,7 +95,7 @@ def apply_side(model: nn.Module, reduction: int = 8, **options) -> SideTunedMode
     is created on the backbone's device in its parameter dtype and is the only requires_grad part.
     """
     if options:
-        raise TypeError(f"side: unknown options {sorted(options)}; accepted: reduction")
+        raise ValueError(f"side: unknown option(s) {sorted(options)}; accepted: reduction")
     family = read_family(model)
     sizes = {"hidden size": family.hidden, "attention head size": family.head_dim, "MLP size": family.ffn}
     if isinstance(reduction, bool) or not isinstance(reduction, int) or reduction < 1 or any(
