@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, Strategy
 
 from dpmemarc_core.federated import FederatedConfig
-from server.validation import update_problem
+from server.validation import update_norm, update_problem
 
 WEIGHT_KEY = "aggregation-weight"  # set by the server on each valid reply, never taken from a site
 ARRAYS_KEY, METRICS_KEY, SITE_KEY = "arrays", "metrics", "site"
@@ -46,12 +46,13 @@ class ValidatedUpdates(Strategy):
     """Validate each training reply against the current global state, then let ``inner`` aggregate."""
 
     def __init__(self, inner: Strategy, max_update_norm: float, min_valid_replies: int,
-                 uniform_weights: bool = False) -> None:
+                 client_dp: bool = False) -> None:
         self.inner = inner
         self.max_update_norm = max_update_norm
         self.min_valid_replies = min_valid_replies
-        # Client-level DP calibrates noise to a mean of equally weighted, clipped updates.
-        self.uniform_weights = uniform_weights
+        # Client-level DP: noise is calibrated to a mean of equally weighted, clipped updates, and Flower's
+        # clipping divides by the update's norm (a zero update would crash the round).
+        self.client_dp = client_dp
         self.global_state: dict[str, np.ndarray] = {}
         self.sent_to: dict[int, set[int]] = {}
         self.reports: dict[int, RoundReport] = {}
@@ -122,7 +123,7 @@ class ValidatedUpdates(Strategy):
         entry["status"] = "accepted"
         # Re-pack in the global state's order: Flower's DP clipping pairs tensors by position.
         content[ARRAYS_KEY] = ArrayRecord({n: Array(arrays[n]) for n in self.global_state})
-        metrics[WEIGHT_KEY] = 1.0 if self.uniform_weights else float(metrics["num-examples"])
+        metrics[WEIGHT_KEY] = 1.0 if self.client_dp else float(metrics["num-examples"])
         return True
 
     def _problem(self, content, metrics: MetricRecord | None) -> tuple[str | None, dict[str, np.ndarray]]:
@@ -139,7 +140,10 @@ class ValidatedUpdates(Strategy):
                 arrays[name] = array.numpy()
             except Exception as error:  # a malformed payload can fail decoding in many ways
                 return f"tensor '{name}' cannot be decoded: {error}", {}
-        return update_problem(arrays, self.global_state, self.max_update_norm), arrays
+        problem = update_problem(arrays, self.global_state, self.max_update_norm)
+        if problem is None and self.client_dp and update_norm(arrays, self.global_state) == 0:
+            problem = "zero update (client-level DP clipping needs a non-zero update norm)"
+        return problem, arrays
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -174,4 +178,4 @@ def build_strategy(cfg: FederatedConfig) -> ValidatedUpdates:
             fedavg, noise_multiplier=cfg.client_dp_noise_multiplier, clipping_norm=cfg.client_dp_clipping_norm,
             num_sampled_clients=cfg.min_valid_replies)
     return ValidatedUpdates(inner, max_update_norm=cfg.max_update_norm, min_valid_replies=cfg.min_valid_replies,
-                            uniform_weights=cfg.client_dp)
+                            client_dp=cfg.client_dp)
