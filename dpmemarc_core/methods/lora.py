@@ -1,0 +1,66 @@
+"""LoRA (Hu et al. 2021) through peft, set up so that BK clipping can serve it.
+
+peft's LoRA layer keeps A and B as two `nn.Linear`s, which the BK engine handles like any Linear;
+the frozen base projection (Linear or GPT-2's Conv1D) gets no per-example gradient at all.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from torch import nn
+
+from dpmemarc_core.methods.placement import block_regex, classifier_head, placement_of
+
+
+def _target_modules(model: nn.Module, target_modules: str | Sequence[str] | None, include_mlp: bool) -> str | list[str]:
+    if target_modules is None:
+        placement = placement_of(model, "lora")
+        return block_regex(placement, placement.attention + (placement.mlp if include_mlp else ()))
+    if include_mlp:
+        raise ValueError("lora: give either target_modules or include_mlp=True, not both")
+    if isinstance(target_modules, str):
+        return target_modules
+    names = list(target_modules)
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"lora: target_modules must be a regex or a non-empty list of module names, "
+                         f"got {target_modules!r}")
+    return names
+
+
+def apply_lora(model: nn.Module, *, r: int = 64, lora_alpha: float | None = None, lora_dropout: float = 0.0,
+               target_modules: str | Sequence[str] | None = None, include_mlp: bool = False) -> PeftModel:
+    """Wrap `model` (modified in place) in a peft LoRA model; only the LoRA factors are trainable.
+
+    Defaults: rank r=64 (the paper's), lora_alpha=r (scale α/r = 1), no dropout, and LoRA on the
+    attention projections of every block, query and value as in Hu et al. (GPT-2: the fused c_attn;
+    BERT/RoBERTa: query, value; Llama: q_proj, v_proj). include_mlp=True adds the MLP projections.
+    `target_modules` takes peft's forms instead: a list of module-name suffixes or one regex.
+    A classification model's head is trained too (peft's `modules_to_save` copy, a plain Linear stack);
+    a causal LM's head stays frozen.
+    """
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"lora: r must be an integer >= 1, got {r!r}")
+    alpha = r if lora_alpha is None else lora_alpha
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0 < alpha < math.inf):
+        raise ValueError(f"lora: lora_alpha must be a finite number > 0, got {lora_alpha!r}")
+    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) or not 0 <= lora_dropout < 1:
+        raise ValueError(f"lora: lora_dropout must be in [0, 1), got {lora_dropout!r}")
+    if not isinstance(include_mlp, bool):
+        raise ValueError(f"lora: include_mlp must be True or False, got {include_mlp!r}")
+    targets = _target_modules(model, target_modules, include_mlp)
+    head = classifier_head(model)
+    if head is not None:
+        task_type = TaskType.SEQ_CLS
+    elif type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")):
+        task_type = TaskType.CAUSAL_LM
+    else:
+        task_type = None
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=float(lora_dropout), target_modules=targets, bias="none",
+        task_type=task_type, modules_to_save=[head] if head else None,
+        # GPT-2's Conv1D stores its weight as (in, out).
+        fan_in_fan_out=getattr(getattr(model, "config", None), "model_type", None) == "gpt2")
+    return get_peft_model(model, config)
