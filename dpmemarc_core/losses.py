@@ -6,14 +6,19 @@ import torch
 import torch.nn.functional as F
 
 
+def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits are upcast for the softmax; float64 stays float64 (the reference tests need it)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy per example, [B]; computed in fp32 whatever the logits' dtype."""
-    return F.cross_entropy(logits.float(), labels, reduction="none")
+    """Cross-entropy per example, [B]; computed in at least fp32 whatever the logits' dtype."""
+    return F.cross_entropy(_at_least_fp32(logits), labels, reduction="none")
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over each example's labelled tokens (labels -100 are ignored), [B]."""
-    shifted = logits[:, :-1].float()
+    shifted = _at_least_fp32(logits[:, :-1])
     targets = labels[:, 1:]
     nll = F.cross_entropy(shifted.transpose(1, 2), targets, reduction="none", ignore_index=-100)
     counted = (targets != -100).to(nll.dtype)
