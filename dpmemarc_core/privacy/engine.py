@@ -243,18 +243,20 @@ class BKEngine:
         self._batch_size = None
 
     def _norms(self, batch: int, like: torch.Tensor) -> torch.Tensor:
+        # Start in fp32 and let type promotion widen to the contributions' dtype (float64 stays float64).
         squared = torch.zeros(batch, dtype=norm_dtype(like.dtype), device=like.device)
         for book in self._books.values():
             if book.instantiated is not None:
                 if book.factored:
                     raise RuntimeError("BKEngine: a parameter has both instantiated and factored uses")
-                squared = squared + book.instantiated.to(squared.dtype).flatten(1).pow(2).sum(1)
+                pe = book.instantiated
+                squared = squared + pe.to(norm_dtype(pe.dtype)).flatten(1).pow(2).sum(1)
             if book.squared_norm is not None:
-                squared = squared + book.squared_norm.to(squared.dtype)
+                squared = squared + book.squared_norm
             for i, u in enumerate(book.factored):
-                squared = squared + factored_inner(u, u).to(squared.dtype)
+                squared = squared + factored_inner(u, u)
                 for v in book.factored[i + 1:]:
-                    squared = squared + 2 * factored_inner(u, v).to(squared.dtype)
+                    squared = squared + 2 * factored_inner(u, v)
         return squared.clamp(min=0).sqrt()
 
     def _clip_factors(self, norms: torch.Tensor) -> torch.Tensor:
