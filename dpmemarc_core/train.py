@@ -182,15 +182,16 @@ def evaluate(model: torch.nn.Module, task, tokenizer, batch_size: int) -> dict:
 
 def train(cfg: TrainConfig) -> dict:
     """One private fine-tuning run: evaluate, train, evaluate, write summary.json and the trainable state."""
-    from dpmemarc_core.data import load_task
+    from dpmemarc_core.data import load_task, num_labels_of, task_kind_of
     from dpmemarc_core.methods import apply, trainable_state_dict
-    from dpmemarc_core.models import load_backbone, task_kind_of
+    from dpmemarc_core.models import load_backbone
 
     privacy = PrivacySettings(target_epsilon=cfg.epsilon, delta=cfg.delta, max_grad_norm=cfg.max_grad_norm,
                               clipping_mode=cfg.clipping_mode, clip_fn=cfg.clip_fn, accountant=cfg.accountant)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    backbone, tokenizer = load_backbone(cfg.model, task_kind_of(cfg.task))
+    kind = task_kind_of(cfg.task)
+    backbone, tokenizer = load_backbone(cfg.model, kind, num_labels=max(num_labels_of(cfg.task), 2))
     task = load_task(cfg.task, tokenizer, max_length=cfg.max_length, max_train=cfg.max_train,
                      max_eval=cfg.max_eval, seed=cfg.seed)
     model = apply(backbone, cfg.method, **cfg.method_options).to(device)
