@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dpmemarc_core.data import Task, load_task, partition
+from dpmemarc_core.data import Task, load_task, num_labels_of, partition, task_kind_of
 from dpmemarc_core.privacy import PrivacyAccountant, PrivacySettings, noise_multiplier_for
 from dpmemarc_core.privacy.settings import check_count
 from dpmemarc_core.train import PrivateTrainer, evaluate, resolve_device, sample_rate_for
@@ -164,23 +164,20 @@ class RunModel:
 
 
 def build_run_model(cfg: FederatedConfig) -> RunModel:
-    """Load the task, then the backbone with the method applied, seeded by ``cfg.seed``.
+    """The backbone (its head fits the task) with the method applied, and the task, seeded by ``cfg.seed``.
 
     Every process (server, each site) builds this; the seed makes the randomly initialised parts that
     stay frozen (if any) identical everywhere, and the server's initial trainable state is what every
     site starts from.
     """
-    from transformers import AutoTokenizer
-
     from dpmemarc_core.methods import apply
-    from dpmemarc_core.models import load_backbone, resolve
+    from dpmemarc_core.models import load_backbone
 
-    # The tokenizer comes first because the task decides the model head (kind, number of labels).
-    tokenizer = AutoTokenizer.from_pretrained(resolve(cfg.model))
+    torch.manual_seed(cfg.seed)
+    num_labels = max(num_labels_of(cfg.task), 2)  # generation tasks have 0 labels and ignore the argument
+    backbone, tokenizer = load_backbone(cfg.model, task_kind_of(cfg.task), num_labels=num_labels)
     task = load_task(cfg.task, tokenizer, max_length=cfg.max_length, max_train=cfg.max_train or None,
                      max_eval=cfg.max_eval or None, seed=cfg.seed)
-    torch.manual_seed(cfg.seed)
-    backbone, tokenizer = load_backbone(cfg.model, task.kind, num_labels=max(task.num_labels, 2))
     device = cfg.torch_device()
     model = apply(backbone, cfg.method, **cfg.method_kwargs()).to(device)
     return RunModel(model=model, tokenizer=tokenizer, task=task, device=device)

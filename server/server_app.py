@@ -63,6 +63,7 @@ def run_rounds(grid: Grid, cfg: FederatedConfig) -> None:
 
     strategy = build_strategy(cfg)
     strategy.summary()
+    skipped = []
     for server_round in range(first_round, cfg.num_server_rounds + 1):
         log(INFO, "[ROUND %d/%d]", server_round, cfg.num_server_rounds)
         started = time.perf_counter()
@@ -84,6 +85,13 @@ def run_rounds(grid: Grid, cfg: FederatedConfig) -> None:
             "update-bytes": update_bytes, "seconds": time.perf_counter() - started,
         }
         save_round(output_dir, server_round, state, accountants, record)
+        if report.skipped:
+            skipped.append(report)
         log(INFO, "round %d: %d accepted, %d rejected, %d dropped%s; eval %s; per-site epsilon %s", server_round,
             report.accepted, len(report.rejected), len(report.dropped), " (skipped)" if report.skipped else "",
             evaluation, record["epsilon"])
+    if len(skipped) == cfg.num_server_rounds - first_round + 1:
+        # Every round ended without an update: report the run as failed rather than "completed" unchanged.
+        reasons = "; ".join(f"node {r['node']}: {r['reason']}" for r in skipped[-1].rejected) or "no valid replies"
+        raise RuntimeError(f"no round produced a global update (min-valid-replies={cfg.min_valid_replies}); "
+                           f"last round: {reasons}")

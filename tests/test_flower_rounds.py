@@ -13,7 +13,6 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.numpy import load_file
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
@@ -25,6 +24,7 @@ from dpmemarc_core.federated import FederatedConfig, build_run_model, trainable_
 from dpmemarc_core.offline import minilm_path
 from dpmemarc_core.privacy import epsilon
 from server.checkpoint import read_metrics
+from server.local_grid import InProcessGrid
 from server.server_app import run_rounds
 
 LOCAL_STEPS = 2
@@ -61,53 +61,31 @@ def run_config(model_dir: str, output_dir, **overrides) -> dict:
     return config | overrides
 
 
-class InProcessGrid(Grid):
-    """Delivers messages to the ClientApp in this process. ``crash`` nodes reply with an error (as Flower
-    does for a ClientApp exception), ``silent`` nodes never reply, and ``die_in_round`` makes the grid raise
-    after the sites of that round have trained, as if the server process were killed."""
+class FaultyGrid(InProcessGrid):
+    """``crash`` nodes reply with an error (as Flower does for a ClientApp exception), ``silent`` nodes never
+    reply, and ``die_in_round`` makes the grid raise after that round's sites trained, as if the server
+    process were killed. Records the global state each round sent out."""
 
     def __init__(self, run_config: dict, num_nodes: int = 3, crash: Iterable[int] = (),
                  silent: Iterable[int] = (), die_in_round: int | None = None) -> None:
-        self.contexts = {
-            100 + i: Context(run_id=1, node_id=100 + i, node_config={"partition-id": i, "num-partitions": num_nodes},
-                             state=RecordDict(), run_config=run_config)
-            for i in range(num_nodes)
-        }
+        super().__init__(client_app, run_config, num_nodes)
         self.crash, self.silent, self.die_in_round = set(crash), set(silent), die_in_round
-        self.sent: dict[int, dict[str, np.ndarray]] = {}  # round -> the global state the sites received
+        self.sent: dict[int, dict[str, np.ndarray]] = {}
 
-    def set_run(self, run) -> None:
-        raise NotImplementedError
-
-    @property
-    def run(self):
-        raise NotImplementedError
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.contexts)
-
-    def push_messages(self, messages):
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError
+    def deliver(self, message: Message) -> Message | None:
+        self.sent[message.content["config"]["server-round"]] = {
+            k: a.numpy() for k, a in message.content["arrays"].items()}
+        node = message.metadata.dst_node_id
+        if node in self.silent:
+            return None
+        if node in self.crash:
+            return Message(Error(code=0, reason="RuntimeError: CUDA out of memory"), reply_to=message)
+        return super().deliver(message)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        replies = []
-        for message in messages:
-            node = message.metadata.dst_node_id
-            server_round = message.content["config"]["server-round"]
-            self.sent[server_round] = {k: a.numpy() for k, a in message.content["arrays"].items()}
-            if node in self.silent:
-                continue
-            if node in self.crash:
-                replies.append(Message(Error(code=0, reason="RuntimeError: CUDA out of memory"), reply_to=message))
-                continue
-            replies.append(client_app(message, self.contexts[node]))
-        if server_round == self.die_in_round:
+        messages = list(messages)
+        replies = super().send_and_receive(messages, timeout=timeout)
+        if messages and messages[0].content["config"]["server-round"] == self.die_in_round:
             raise KeyboardInterrupt("server killed")
         return replies
 
@@ -163,7 +141,7 @@ def test_site_refuses_the_round_past_its_budget_and_composes_every_round(tiny_mo
 
 def test_a_crashing_and_a_silent_site_do_not_stop_the_round(tiny_model_dir, tmp_path):
     config = run_config(tiny_model_dir, tmp_path / "run", **{"num-server-rounds": 1})
-    grid = InProcessGrid(config, num_nodes=4, crash=[100], silent=[101])
+    grid = FaultyGrid(config, num_nodes=4, crash=[100], silent=[101])
     run_rounds(grid, FederatedConfig.from_run_config(config))
 
     record = read_metrics(tmp_path / "run")[-1]
@@ -178,13 +156,13 @@ def test_a_crashing_and_a_silent_site_do_not_stop_the_round(tiny_model_dir, tmp_
 def test_a_killed_run_resumes_from_its_last_checkpoint_with_the_sites_accountants(tiny_model_dir, tmp_path):
     config = run_config(tiny_model_dir, tmp_path / "run")
     cfg = FederatedConfig.from_run_config(config)
-    killed = InProcessGrid(config, num_nodes=2, die_in_round=2)
+    killed = FaultyGrid(config, num_nodes=2, die_in_round=2)
     with pytest.raises(KeyboardInterrupt):
         run_rounds(killed, cfg)
     assert not (tmp_path / "run" / "round-2.safetensors").exists()
 
     # A restarted run: new processes, so every site's Context.state is empty again.
-    resumed = InProcessGrid(config, num_nodes=2)
+    resumed = FaultyGrid(config, num_nodes=2)
     run_rounds(resumed, cfg)
 
     metrics = read_metrics(tmp_path / "run")
