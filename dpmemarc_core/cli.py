@@ -45,7 +45,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="expected (Poisson) batch size")
     p.add_argument("--physical-batch-size", type=int, default=None,
                    help="split each batch into micro-batches of this size to save memory")
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lr", type=float, default=None, help="default 5e-4 (DP-Adam); 1e-5 for --method zo (DPZero's SGD)")
+    p.add_argument("--zo-params", default=d.zo_params, choices=["full", "lora", "bitfit"],
+                   help="with --method zo: which parameters DPZero perturbs")
     p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
     p.add_argument("--clipping-mode", default=d.clipping_mode, choices=["mixed", "ghost", "instantiate"])
     p.add_argument("--clip-fn", default=d.clip_fn, choices=["abadi", "automatic"])
@@ -70,7 +72,8 @@ def _run_train(args: argparse.Namespace) -> int:
         clipping_mode=args.clipping_mode, clip_fn=args.clip_fn, accountant=args.accountant,
         max_length=args.max_length, max_train=args.max_train or None, max_eval=args.max_eval or None,
         seed=args.seed, device=args.device, output=args.output,
-        method_options=_method_options(args.method_option), progress=not args.no_progress)
+        method_options=_method_options(args.method_option), zo_params=args.zo_params,
+        progress=not args.no_progress)
     summary = train(cfg)
     eps = summary["epsilon"]
     print(f"done: method={summary['method']} steps={summary['steps']} "

@@ -139,7 +139,7 @@ class TrainConfig:
     max_steps: int | None = None
     batch_size: int = 32
     physical_batch_size: int | None = None
-    lr: float = 5e-4
+    lr: float | None = None  # None: 5e-4 (the paper's DP-Adam) for BK methods, DPZero's 1e-5 for zo
     max_grad_norm: float = 1.0
     clipping_mode: str = "mixed"
     clip_fn: str = "abadi"
@@ -151,7 +151,25 @@ class TrainConfig:
     device: str | None = None
     output: str | None = None
     method_options: dict = field(default_factory=dict)
+    zo_params: str = "full"  # method zo perturbs the trainable part of this method: full, lora or bitfit
     progress: bool = True
+
+
+BK_DEFAULT_LR = 5e-4
+ZO_PARAM_METHODS = ("full", "lora", "bitfit")
+
+
+def make_trainer(method: str, model: torch.nn.Module, examples: Sequence[dict], collate: Collate,
+                 privacy: PrivacySettings, sample_rate: float, noise_multiplier: float, lr: float | None = None,
+                 **kwargs) -> PrivateTrainer:
+    """The trainer for a method: DPZero's forward-only `ZOTrainer` for "zo", BK `PrivateTrainer` otherwise."""
+    if method == "zo":
+        from dpmemarc_core.zo import DEFAULT_LR, ZOTrainer
+
+        return ZOTrainer(model, examples, collate, privacy, sample_rate, noise_multiplier,
+                         lr=DEFAULT_LR if lr is None else lr, **kwargs)
+    return PrivateTrainer(model, examples, collate, privacy, sample_rate, noise_multiplier,
+                          lr=BK_DEFAULT_LR if lr is None else lr, **kwargs)
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -183,9 +201,13 @@ def evaluate(model: torch.nn.Module, task, tokenizer, batch_size: int) -> dict:
 def train(cfg: TrainConfig) -> dict:
     """One private fine-tuning run: evaluate, train, evaluate, write summary.json and the trainable state."""
     from dpmemarc_core.data import load_task, num_labels_of, task_kind_of
-    from dpmemarc_core.methods import apply, trainable_state_dict
+    from dpmemarc_core.methods import METHODS, apply, trainable_state_dict
     from dpmemarc_core.models import load_backbone
 
+    if cfg.method not in (*METHODS, "zo"):
+        raise ValueError(f"unknown method {cfg.method!r}; accepted: {', '.join((*METHODS, 'zo'))}")
+    if cfg.method == "zo" and cfg.zo_params not in ZO_PARAM_METHODS:
+        raise ValueError(f"zo_params must be one of {ZO_PARAM_METHODS}, got {cfg.zo_params!r}")
     privacy = PrivacySettings(target_epsilon=cfg.epsilon, delta=cfg.delta, max_grad_norm=cfg.max_grad_norm,
                               clipping_mode=cfg.clipping_mode, clip_fn=cfg.clip_fn, accountant=cfg.accountant)
     torch.manual_seed(cfg.seed)
@@ -194,7 +216,7 @@ def train(cfg: TrainConfig) -> dict:
     backbone, tokenizer = load_backbone(cfg.model, kind, num_labels=max(num_labels_of(cfg.task), 2))
     task = load_task(cfg.task, tokenizer, max_length=cfg.max_length, max_train=cfg.max_train,
                      max_eval=cfg.max_eval, seed=cfg.seed)
-    model = apply(backbone, cfg.method, **cfg.method_options).to(device)
+    model = apply(backbone, cfg.zo_params if cfg.method == "zo" else cfg.method, **cfg.method_options).to(device)
     n = len(task.train)
     delta = privacy.resolved_delta(n)
     q = sample_rate_for(cfg.batch_size, n)
@@ -207,8 +229,8 @@ def train(cfg: TrainConfig) -> dict:
     eval_batch = cfg.physical_batch_size or max(cfg.batch_size, 32)
     before = evaluate(model, task, tokenizer, eval_batch)
     print(f"before training: {json.dumps(before)}", flush=True)
-    trainer = PrivateTrainer(model, task.train, task.collate, privacy, q, sigma, lr=cfg.lr,
-                             physical_batch_size=cfg.physical_batch_size, seed=cfg.seed, device=device)
+    trainer = make_trainer(cfg.method, model, task.train, task.collate, privacy, q, sigma, lr=cfg.lr,
+                           physical_batch_size=cfg.physical_batch_size, seed=cfg.seed, device=device)
     start = time.perf_counter()
     train_stats = trainer.run(steps, progress=cfg.progress)
     seconds = time.perf_counter() - start
