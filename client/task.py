@@ -26,8 +26,8 @@ _SITES: dict[tuple, Site] = {}
 
 def model_key(cfg: FederatedConfig) -> tuple:
     """The settings that decide the model and the task (not the training or privacy settings)."""
-    return (cfg.model, cfg.task, cfg.method, cfg.method_options, cfg.max_length, cfg.max_train, cfg.max_eval,
-            cfg.seed, cfg.device)
+    return (cfg.model, cfg.task, cfg.method, cfg.method_options, cfg.zo_params, cfg.max_length, cfg.max_train,
+            cfg.max_eval, cfg.seed, cfg.device)
 
 
 def site_for(cfg: FederatedConfig, partition_id: int, num_partitions: int) -> Site:

@@ -28,7 +28,7 @@ from torch import nn
 from dpmemarc_core.data import Task, load_task, num_labels_of, partition, task_kind_of
 from dpmemarc_core.privacy import PrivacyAccountant, PrivacySettings, noise_multiplier_for
 from dpmemarc_core.privacy.settings import check_count
-from dpmemarc_core.train import PrivateTrainer, evaluate, resolve_device, sample_rate_for
+from dpmemarc_core.train import ZO_PARAM_METHODS, evaluate, make_trainer, resolve_device, sample_rate_for
 
 PARTITIONINGS = ("iid", "dirichlet")
 # σ is searched so that the planned steps spend at most target ε; this slack only absorbs float noise in
@@ -50,6 +50,7 @@ class FederatedConfig:
     task: str = "movie-sentiment"
     method: str = "lora"
     method_options: str = '{"r": 8}'
+    zo_params: str = "lora"
     target_epsilon: float = 8.0
     delta: float = 0.0
     local_steps: int = 10
@@ -88,6 +89,8 @@ class FederatedConfig:
                              f"got {self.client_dp_noise_multiplier!r}")
         if self.delta != 0 and not 0 < self.delta < 1:
             raise ValueError(f"delta must be 0 (= 1/N of each site) or satisfy 0 < value < 1, got {self.delta!r}")
+        if self.zo_params not in ZO_PARAM_METHODS:
+            raise ValueError(f"zo-params must be one of {ZO_PARAM_METHODS}, got {self.zo_params!r}")
         if self.partitioning not in PARTITIONINGS:
             raise ValueError(f"partitioning must be one of {PARTITIONINGS}, got {self.partitioning!r}")
         if self.device != "auto":
@@ -179,7 +182,8 @@ def build_run_model(cfg: FederatedConfig) -> RunModel:
     task = load_task(cfg.task, tokenizer, max_length=cfg.max_length, max_train=cfg.max_train or None,
                      max_eval=cfg.max_eval or None, seed=cfg.seed)
     device = cfg.torch_device()
-    model = apply(backbone, cfg.method, **cfg.method_kwargs()).to(device)
+    # DPZero (zo) trains, forward-only, the trainable part of another method.
+    model = apply(backbone, cfg.zo_params if cfg.method == "zo" else cfg.method, **cfg.method_kwargs()).to(device)
     return RunModel(model=model, tokenizer=tokenizer, task=task, device=device)
 
 
@@ -255,14 +259,15 @@ def run_site_round(model: nn.Module, task: Task, cfg: FederatedConfig, plan: Sit
     # Batches and noise must be unpredictable to the server: the run config (and so any seed in it) is
     # known to every party, and noise drawn from a known seed could be subtracted again. (40 bits: the
     # trainer derives its sampler seed as seed·100003 + run, which must fit int64.)
-    trainer = PrivateTrainer(model, task.train, task.collate, privacy, plan.sample_rate, plan.noise_multiplier,
-                             lr=cfg.lr, accountant=accountant, physical_batch_size=cfg.physical_batch_size or None,
-                             seed=secrets.randbits(40), device=device)
+    trainer = make_trainer(cfg.method, model, task.train, task.collate, privacy, plan.sample_rate,
+                           plan.noise_multiplier, lr=cfg.lr, accountant=accountant,
+                           physical_batch_size=cfg.physical_batch_size or None, seed=secrets.randbits(40),
+                           device=device)
     start = time.perf_counter()
     try:
         stats = trainer.run(cfg.local_steps, progress=False)
     finally:
-        if trainer.engine is not None:
+        if getattr(trainer, "engine", None) is not None:
             trainer.engine.detach()  # the model is reused next round; a new trainer hooks it again
     epsilon = accountant.get_epsilon(plan.delta) if privacy.is_private else math.inf
     return SiteRound(trained=True, epsilon=epsilon, epsilon_if_trained=epsilon, steps=stats["steps"],

@@ -102,8 +102,10 @@ def train_message(arrays: ArrayRecord, server_round: int, accountants: str = "{}
     return Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=100, message_type=MessageType.TRAIN)
 
 
-def test_site_refuses_the_round_past_its_budget_and_composes_every_round(tiny_model_dir, tmp_path):
-    config = run_config(tiny_model_dir, tmp_path)
+@pytest.mark.parametrize("method", [{"method": "lora"}, {"method": "zo", "zo-params": "lora", "lr": 1e-4}],
+                         ids=["lora", "zo"])
+def test_site_refuses_the_round_past_its_budget_and_composes_every_round(tiny_model_dir, tmp_path, method):
+    config = run_config(tiny_model_dir, tmp_path, **method)
     cfg = FederatedConfig.from_run_config(config)
     context = Context(run_id=1, node_id=100, node_config={"partition-id": 0, "num-partitions": 2},
                       state=RecordDict(), run_config=config)
