@@ -192,10 +192,11 @@ def test_bk_matches_per_example_reference(family, backward_passes, clipping_mode
     model = reversible(family)
     engine = assert_bk_matches_reference(model, batch_for(family), loss_fn, rtol=1e-6, max_grad_norm=1e-3,
                                          backward_passes=backward_passes, clipping_mode=clipping_mode)
-    # Every LoRA and adapter layer of both blocks reported its g in every backward pass.
+    # Every LoRA and adapter layer of both blocks reported its g to the BK pass (the second of two
+    # passes only back-propagates the reweighted loss: layers recomputed there are not booked).
     layers = sum(1 for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.weight.requires_grad
                  and not n.startswith("classifier"))
-    assert engine.tap_backward_calls >= backward_passes * layers
+    assert engine.tap_backward_calls >= layers
 
 
 # ---- start point ---------------------------------------------------------------------------------

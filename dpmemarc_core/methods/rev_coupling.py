@@ -26,12 +26,11 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from functools import partial
 
 import torch
 from torch import nn
 
-from dpmemarc_core.privacy.engine import BKEngine, bk_backward_inputs
+from dpmemarc_core.privacy.engine import bk_anchors_of, bk_backward_inputs
 
 Sublayer = Callable[[nn.Module, torch.Tensor, dict], torch.Tensor]  # (block, input, call arguments) -> output
 
@@ -62,7 +61,7 @@ class ReversibleStack(nn.Module):
         if self.reversible and torch.is_grad_enabled():
             call = _without_cache(call)
             params = [p for p in self.blocks.parameters() if p.requires_grad]
-            anchors = _attached_bk_anchors(self)
+            anchors = bk_anchors_of(self)
             return _ReversibleStackFunction.apply(self, call, len(params), hidden_states, *params, *anchors)
         x1 = x2 = hidden_states
         for block in self.blocks:
@@ -194,20 +193,6 @@ def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     if a is None:
         return b
     return a if b is None else a + b
-
-
-def _attached_bk_anchors(stack: nn.Module) -> list[torch.Tensor]:
-    # The engine's BK pass asks autograd for its anchor only, and autograd skips every node that
-    # does not lead there; the stack's node must therefore take the anchor as an input already at
-    # forward time, when `bk_backward_inputs()` is still empty. An engine covering these layers has
-    # hooked them: read its anchor from there.
-    anchors: dict[int, torch.Tensor] = {}
-    for module in stack.modules():
-        for hook in module._forward_hooks.values():
-            engine = getattr(hook.func, "__self__", None) if isinstance(hook, partial) else None
-            if isinstance(engine, BKEngine):
-                anchors[id(engine._anchor)] = engine._anchor
-    return list(anchors.values())
 
 
 def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -8,6 +8,7 @@ in `layers/`; this file only orchestrates them and never knows which fine-tuning
 
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import partial
@@ -29,6 +30,19 @@ CLIPPING_MODES = ("mixed", "ghost", "instantiate")
 CLIP_FNS = ("abadi", "automatic")
 BATCH_KEYS = ("input_ids", "inputs_embeds", "attention_mask", "labels")
 _TAPPING: dict[int, torch.Tensor] = {}  # by id: anchors of engines whose BK backward pass is running now
+_ATTACHED: "weakref.WeakSet[BKEngine]" = weakref.WeakSet()
+
+
+def bk_anchors_of(module: nn.Module) -> list[torch.Tensor]:
+    """Anchors of the attached engines that hook `module` or any of its submodules.
+
+    A BK pass back-propagates to its anchor only, and autograd skips nodes that do not lead there.
+    A custom autograd Function whose forward runs hooked layers out of autograd's sight (a
+    reversible stack) takes these anchors as extra inputs at forward time, so its backward is on
+    the path; inside that backward it then uses `bk_backward_inputs()`.
+    """
+    ids = {id(m) for m in module.modules()}
+    return [engine._anchor for engine in list(_ATTACHED) if ids & engine._hooked]
 
 
 def bk_backward_inputs() -> list[torch.Tensor]:
@@ -109,11 +123,15 @@ class BKEngine:
         self._anchor = torch.zeros((), requires_grad=True)
         self._calls: list[_LayerCall] = []
         self._books: dict[int, _ParamBook] = {}
-        self._phase = "idle"  # "keep" (one-pass BK), "reduce" (first of two passes) or "idle"
+        # "keep" (one-pass BK), "reduce" (first of two passes), "replay" (second of two passes: layers
+        # recomputed in it are not booked) or "idle"
+        self._phase = "idle"
         self._batch_size: int | None = None
         self.tap_backward_calls = 0  # layer-output gradients seen: one per layer call per backward pass
         self._ghost = GhostRule(clipping_mode, set())
+        self._hooked: set[int] = set()
         self._static_shared = self._attach()
+        _ATTACHED.add(self)
 
     # ---- hooks -----------------------------------------------------------------------------
 
@@ -132,6 +150,7 @@ class BKEngine:
                     f"has trainable parameters {unhandled} with no per-example gradient rule. "
                     f"Supported: {SUPPORTED}. Freeze them (requires_grad=False) or use a supported layer.")
             handler.check(module, path)
+            self._hooked.add(id(module))
             for p in own.values():
                 owners[id(p)] += 1
             self._handles.append(module.register_forward_hook(partial(self._on_layer_call, path, handler)))
@@ -142,6 +161,8 @@ class BKEngine:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._hooked = set()
+        _ATTACHED.discard(self)
 
     def _on_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not torch.is_grad_enabled():
@@ -155,7 +176,7 @@ class BKEngine:
                 break
 
     def _on_layer_call(self, path: str, handler, module: nn.Module, args: tuple, output: torch.Tensor):
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or self._phase == "replay":
             return None
         a = handler.layer_input(module, args)
         batch = self._batch_size
@@ -170,7 +191,7 @@ class BKEngine:
 
     def _on_grad(self, call: _LayerCall, g: torch.Tensor) -> None:
         self.tap_backward_calls += 1
-        if self._phase == "idle" or call.a is None:
+        if self._phase not in ("keep", "reduce") or call.a is None:
             return
         for param, contribution in call.handler.contributions(call.module, call.a, g.detach(), self._ghost):
             self._book(param, contribution)
@@ -220,7 +241,7 @@ class BKEngine:
                 torch.autograd.grad(per_example_loss.sum(), [self._anchor], allow_unused=True, retain_graph=True)
                 norms = self._norms(batch, per_example_loss)
                 factors = self._clip_factors(norms).to(per_example_loss.dtype)
-                self._phase = "idle"
+                self._phase = "replay"
                 _TAPPING.pop(id(self._anchor))
                 torch.autograd.backward((per_example_loss * factors.detach()).sum(), inputs=self.params)
         finally:
