@@ -63,7 +63,10 @@ def stack_of(model: nn.Module) -> ReversibleStack:
 
 
 def reversible(family: str, layers: int = 2, dropout: float = 0.0, **options) -> nn.Module:
-    """A rev model whose trainable parameters are moved off their zero start, so every gradient is non-trivial."""
+    """A rev model whose trainable parameters are moved off their zero start, so every gradient is non-trivial.
+
+    One reversible segment unless asked otherwise: the inversion is what these tests check (float64)."""
+    options.setdefault("segment_size", None)
     model = apply_rev(build(family, layers, dropout), r=4, **options)
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():
@@ -254,6 +257,11 @@ def test_autograd_keeps_activations_constant_in_depth(family):
     assert saved_by_forward(shallow, family) == saved_by_forward(deep, family)
     stack_of(shallow).reversible = stack_of(deep).reversible = False
     assert saved_by_forward(deep, family)[0] > saved_by_forward(shallow, family)[0]  # the test can fail
+
+
+def test_default_stores_both_streams_at_every_block():
+    model = apply_rev(build("gpt2", 4, 0.0), r=4)
+    assert stack_of(model).segment_size == 1 and stack_of(model).segment_starts() == [1, 2, 3]
 
 
 def test_segments_keep_two_streams_per_boundary():

@@ -84,18 +84,20 @@ def _check_size(name: str, value: object) -> int:
 
 
 def apply_rev(model: nn.Module, r: int = 64, *, lora_alpha: float | None = None, adapter_size: int | None = None,
-              x1_factor: float = 0.1, x2_factor: float = 0.1, segment_size: int | None = None) -> nn.Module:
+              x1_factor: float = 0.1, x2_factor: float = 0.1, segment_size: int | None = 1) -> nn.Module:
     """Make `model` (modified in place and returned) a reversible network; only LoRA, adapters and a
     classification head are trainable.
 
     Supported: GPT2LMHeadModel, BertForSequenceClassification, RobertaForSequenceClassification,
     LlamaForCausalLM (any model of those four model types with their block layout). Options: LoRA rank
     `r` and `lora_alpha` (default r, scale 1); `adapter_size`, the adapter bottleneck (default r);
-    `x1_factor` λ and `x2_factor` β in (0, 1], MEFT's 0.1 each; `segment_size` (default: none, one
-    reversible segment, memory O(1) in depth).
+    `x1_factor` λ and `x2_factor` β in (0, 1], MEFT's 0.1 each; `segment_size` (default 1).
 
     `segment_size=k` stores both streams at every k-th block and restarts the inversion there:
-    2·⌈L/k⌉ hidden-state tensors instead of 2, and k=1 makes the gradients exact.
+    2·⌈L/k⌉ hidden-state tensors (B·T·d each) instead of 2. `segment_size=None` is one reversible
+    segment, activation memory O(1) in depth — exact in float64, but not in float32 at real depths
+    (below), which is why the default is k=1: exact gradients in any precision, memory linear in depth
+    but only two hidden states per block (a plain backward keeps ~10-20 tensors per block).
 
     Start point: with LoRA B and the adapters' up-projections at zero, the model differs from the
     pretrained one only by the coupling's O(λ + β) terms. Relative change of the last hidden state at
