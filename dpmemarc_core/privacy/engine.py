@@ -64,6 +64,7 @@ class _LayerCall:
     module: nn.Module
     handler: object
     a: torch.Tensor | None
+    pending: bool = True
 
 
 @dataclass
@@ -178,24 +179,25 @@ class BKEngine:
     def _on_layer_call(self, path: str, handler, module: nn.Module, args: tuple, output: torch.Tensor):
         if not torch.is_grad_enabled() or self._phase == "replay":
             return None
-        a = handler.layer_input(module, args)
+        a = handler.layer_input(module, args)  # None when the layer's rule needs only g
         batch = self._batch_size
-        if batch is not None and batch > 1 and output.shape[0] == 1 and a.shape[0] == 1:
+        if batch is not None and batch > 1 and output.shape[0] == 1:
             # HF builds position ids with batch size 1 and broadcasts them: expand, so the gradient
             # that reaches this layer is per example instead of already summed over the batch.
-            a = a.expand(batch, *a.shape[1:])
+            a = None if a is None else a.expand(batch, *a.shape[1:])
             output = output.expand(batch, *output.shape[1:])
-        call = _LayerCall(path, module, handler, a.detach())
+        call = _LayerCall(path, module, handler, None if a is None else a.detach())
         self._calls.append(call)
         return _Tap.apply(output, self._anchor, partial(self._on_grad, call))
 
     def _on_grad(self, call: _LayerCall, g: torch.Tensor) -> None:
         self.tap_backward_calls += 1
-        if self._phase not in ("keep", "reduce") or call.a is None:
+        if self._phase not in ("keep", "reduce") or not call.pending:
             return
         for param, contribution in call.handler.contributions(call.module, call.a, g.detach(), self._ghost):
             self._book(param, contribution)
         call.a = None  # the layer's BK buffer ends here unless the contribution kept it (factored)
+        call.pending = False
 
     def _book(self, param: torch.Tensor, contribution: object) -> None:
         book = self._books.setdefault(id(param), _ParamBook())

@@ -16,15 +16,18 @@ class LinearHandler:
     def check(self, module: nn.Module, path: str) -> None:
         return None
 
-    def layer_input(self, module: nn.Module, args: tuple) -> torch.Tensor:
-        return args[0]
+    def layer_input(self, module: nn.Module, args: tuple) -> torch.Tensor | None:
+        # A bias's per-example gradient needs only g: keeping `a` for it would hold activations that
+        # autograd itself frees when the weight is frozen (BiTFiT).
+        return args[0] if module.weight.requires_grad else None
 
     def contributions(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor,
                       ghost: GhostRule) -> list[tuple[nn.Parameter, object]]:
-        a, g = as_btd(a), as_btd(g)
+        g = as_btd(g)
         out = []
         weight = module.weight
         if weight.requires_grad:
+            a = as_btd(a)
             # Linear stores W as (out, in): grad = Σ_t g_t a_tᵀ; Conv1D stores (in, out): Σ_t a_t g_tᵀ.
             left, right = (a, g) if isinstance(module, Conv1D) else (g, a)
             if ghost(weight, a.shape[1]):

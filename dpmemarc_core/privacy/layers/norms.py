@@ -21,15 +21,15 @@ class LayerNormHandler:
             raise TypeError(f"BKEngine: LayerNorm '{path}' normalises over {module.normalized_shape}; "
                             "only the last dimension is supported")
 
-    def layer_input(self, module: nn.Module, args: tuple) -> torch.Tensor:
-        return args[0]
+    def layer_input(self, module: nn.Module, args: tuple) -> torch.Tensor | None:
+        return args[0] if module.weight is not None and module.weight.requires_grad else None
 
-    def contributions(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor,
+    def contributions(self, module: nn.Module, a: torch.Tensor | None, g: torch.Tensor,
                       ghost: object) -> list[tuple[nn.Parameter, object]]:
-        a, g = as_btd(a), as_btd(g)
+        g = as_btd(g)
         out = []
         if module.weight is not None and module.weight.requires_grad:
-            x = a.to(norm_dtype(a.dtype))
+            x = as_btd(a).to(norm_dtype(a.dtype))
             var, mean = torch.var_mean(x, dim=-1, keepdim=True, correction=0)
             x_hat = (x - mean) * torch.rsqrt(var + module.eps)
             out.append((module.weight, Instantiated((g.to(x_hat.dtype) * x_hat).sum(dim=1))))
