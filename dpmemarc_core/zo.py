@@ -56,7 +56,7 @@ def clip_scalars(values: torch.Tensor, max_norm: float, clip_fn: str = "abadi") 
     raise ValueError(f"clip_fn must be 'abadi' or 'automatic', got {clip_fn!r}")
 
 
-def _positive_finite(value: object, name: str, allow_zero: bool = False) -> float:
+def _finite_number(value: object, name: str, allow_zero: bool = False) -> float:
     bound = ">= 0" if allow_zero else "> 0"
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or value < 0 or (value == 0 and not allow_zero):
@@ -95,9 +95,9 @@ class ZOTrainer:
         self.collate = collate
         self.privacy = privacy
         self.sample_rate = check_sample_rate(sample_rate)
-        self.noise_multiplier = _positive_finite(noise_multiplier, "noise_multiplier", allow_zero=True)
-        self.lr = _positive_finite(lr, "lr", allow_zero=True)
-        self.perturbation_scale = _positive_finite(perturbation_scale, "perturbation_scale")
+        self.noise_multiplier = _finite_number(noise_multiplier, "noise_multiplier", allow_zero=True)
+        self.lr = _finite_number(lr, "lr", allow_zero=True)
+        self.perturbation_scale = _finite_number(perturbation_scale, "perturbation_scale")
         self.accountant = accountant if accountant is not None else PrivacyAccountant(privacy.accountant)
         self.physical_batch_size = (None if physical_batch_size is None
                                     else check_count(physical_batch_size, "physical_batch_size", minimum=1))
