@@ -1,0 +1,90 @@
+"""`dpmemarc memory`: peak memory of one DP training step of an exact published config, GPU or not."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from dpmemarc_core.memory import DEVICES, ENGINES, PRECISIONS, MemorySpec, format_report, step_memory
+
+
+def _positive_int(name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer >= 1, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer >= 1, got {text!r}")
+        return value
+
+    return parse
+
+
+def _epsilon(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--epsilon must be a number > 0 or 'inf', got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"--epsilon must be > 0 (or 'inf' for no noise), got {text}")
+    return value
+
+
+def _method_option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--method-option takes KEY=VALUE, got {text!r}")
+    try:
+        return key.replace("-", "_"), json.loads(value)
+    except json.JSONDecodeError:
+        return key.replace("-", "_"), value
+
+
+def add_memory_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register `memory` on the `dpmemarc` command's subparsers."""
+    d = MemorySpec(model="", method="")
+    p = subparsers.add_parser(
+        "memory", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="peak memory of one DP training step (simulated on the meta device without a GPU)",
+        description="Runs full training steps (forward, per-example loss, clipped backward, noise, Adam) of a "
+                    "published model config with random weights and prints the peak memory with a breakdown. "
+                    "Without a GPU the step runs on the meta device and nothing is allocated.")
+    p.add_argument("--model", required=True,
+                   help="a shipped published config (dpmemarc_core.models.PUBLISHED_CONFIGS) or a path to config.json")
+    p.add_argument("--method", required=True, help="full, lora, adapter, bitfit, side, rev")
+    p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=d.batch_size)
+    p.add_argument("--seq-len", type=_positive_int("--seq-len"), default=d.seq_len)
+    p.add_argument("--precision", choices=list(PRECISIONS), default=d.precision,
+                   help="bf16/fp16: frozen weights in that dtype, trainable ones fp32, autocast forward; "
+                        "amp-bf16: all weights fp32, autocast bf16; fp32: no autocast")
+    p.add_argument("--device", choices=list(DEVICES), default=None,
+                   help="meta: simulate; cuda: measure; cpu: count real tensors "
+                        "(default: cuda when available, else meta)")
+    p.add_argument("--engine", choices=list(ENGINES), default=d.engine,
+                   help="bk: ours; opacus: GradSampleModule hooks + DPOptimizer; nondp: no clipping, no noise")
+    p.add_argument("--epsilon", type=_epsilon, default=d.epsilon,
+                   help="finite: noise is drawn (its scale moves no byte); "
+                        "inf: no noise (engine bk: a non-private step)")
+    p.add_argument("--clipping-mode", choices=["mixed", "ghost", "instantiate"], default=d.clipping_mode)
+    p.add_argument("--attn-implementation", default=None, help="e.g. eager or sdpa (default: the model's)")
+    p.add_argument("--method-option", type=_method_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="method option, e.g. r=16 or reduction=8 (repeatable)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.set_defaults(func=run_memory)
+
+
+def run_memory(args: argparse.Namespace) -> int:
+    spec = MemorySpec(model=args.model, method=args.method, batch_size=args.batch_size, seq_len=args.seq_len,
+                      precision=args.precision, device=args.device, engine=args.engine, epsilon=args.epsilon,
+                      clipping_mode=args.clipping_mode, method_options=dict(args.method_option),
+                      attn_implementation=args.attn_implementation)
+    result = step_memory(spec)
+    if args.json:
+        print(json.dumps(result, default=str))
+        if result["note"]:
+            print(f"note: {result['note']}", file=sys.stderr)
+    else:
+        print(format_report(result))
+    return 0
