@@ -246,22 +246,22 @@ def _kernels(device: torch.device, model: torch.nn.Module, low: torch.dtype | No
 
 
 def format_report(result: dict) -> str:
-    """Human-readable lines: the peak, then the breakdown in GiB."""
-    b = result["breakdown"]
-    gib = {k.removesuffix("_bytes"): v / GIB for k, v in b.items()}
+    """Human-readable lines: the peak, then the breakdown (GiB, or MiB for peaks under 1 GiB)."""
+    unit, scale = ("GiB", GIB) if result["peak_bytes"] >= GIB else ("MiB", 1024 ** 2)
+    size = {k.removesuffix("_bytes"): v / scale for k, v in result["breakdown"].items()}
     how = "simulated on meta" if result["simulated"] else f"measured on {result['device']}"
     lines = [
         f"{result['model']} / {result['method']} / engine {result['engine']}: B={result['batch_size']} "
         f"T={result['seq_len']} {result['precision']}, {how}",
-        f"  peak {result['peak_gib']:.3f} GiB (during {result['peak_phase']})",
-        f"  weights (frozen)          {gib['weights']:.3f} GiB",
-        f"  trainable params          {gib['trainable_params']:.3f} GiB",
-        f"  grads                     {gib['grads']:.3f} GiB",
-        f"  optimizer state           {gib['optimizer_state']:.3f} GiB "
-        f"(+ {gib['optimizer_temporaries']:.3f} temporaries)",
-        f"  activations (+ saved)     {gib['activations'] + gib['logits']:.3f} GiB "
-        f"(of which vocabulary-wide logits {gib['logits']:.3f})",
-        f"  DP engine buffers         {gib['engine_buffers']:.3f} GiB",
+        f"  peak {result['peak_bytes'] / scale:.3f} {unit} (during {result['peak_phase']})",
+        f"  weights (frozen)          {size['weights']:.3f} {unit}",
+        f"  trainable params          {size['trainable_params']:.3f} {unit}",
+        f"  grads                     {size['grads']:.3f} {unit}",
+        f"  optimizer state           {size['optimizer_state']:.3f} {unit} "
+        f"(+ {size['optimizer_temporaries']:.3f} temporaries)",
+        f"  activations (+ saved)     {size['activations'] + size['logits']:.3f} {unit} "
+        f"(of which vocabulary-wide logits {size['logits']:.3f})",
+        f"  DP engine buffers         {size['engine_buffers']:.3f} {unit}",
     ]
     if result["note"]:
         lines.append(f"note: {result['note']}")
