@@ -29,17 +29,14 @@ def _summed_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over each example's labelled tokens (labels -100 are ignored), [B]."""
-    targets = labels[:, 1:]
-    batch, positions = targets.shape
-    chunk = max(1, CHUNK_LOGITS // max(1, batch * logits.shape[-1]))
+    # Position t predicts label t + 1; the last position predicts nothing (-100). Splitting the whole
+    # logits tensor (no [:, :-1] slice) lets autograd join the chunks' gradients once, into one tensor.
+    targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
+    chunk = max(1, CHUNK_LOGITS // max(1, logits.shape[0] * logits.shape[-1]))
     total = None
-    for start in range(0, positions, chunk):
-        end = min(start + chunk, positions)  # logits at position t predict the label at t + 1
-        part = checkpoint(_summed_nll, logits[:, start:end], targets[:, start:end],
-                          use_reentrant=False, preserve_rng_state=False)
+    for logit_chunk, target_chunk in zip(logits.split(chunk, dim=1), targets.split(chunk, dim=1)):
+        part = checkpoint(_summed_nll, logit_chunk, target_chunk, use_reentrant=False, preserve_rng_state=False)
         total = part if total is None else total + part
-    if total is None:  # a single token: nothing to predict
-        total = logits.sum(dim=(1, 2)) * 0
     counted = (targets != -100).sum(1).clamp(min=1)
     return total / counted.to(total.dtype)
 
