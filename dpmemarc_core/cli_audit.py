@@ -1,0 +1,113 @@
+"""`dpmemarc audit`: a one-run privacy audit of the real training loop on offline data.
+
+Registered by `add_audit_parser(subparsers)`; the work is `privacy.audit.run_audit`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+from dpmemarc_core.privacy.audit import AuditResult, run_audit, tokenizer_canaries
+from dpmemarc_core.privacy.settings import PrivacySettings
+
+# The bound pays 2·m·δ: with train's default δ = 1/N and m canaries among N examples that term is about 1,
+# which costs a good part of the bound (the paper audits at δ = 1e-5).
+DEFAULT_DELTA = 1e-5
+
+
+def _epsilon(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"--epsilon must be > 0 (or 'inf' for non-private), got {text}")
+    return value
+
+
+def add_audit_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register `dpmemarc audit` on `subparsers` (the `add_subparsers()` of the `dpmemarc` parser)."""
+    p = subparsers.add_parser(
+        "audit", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="empirical lower bound on epsilon from one training run with canaries (Steinke et al. 2023)",
+        description="Mix random-token canaries (each kept with probability 1/2) into the real training set, "
+                    "train once, guess membership from each canary's loss drop, and turn the right guesses "
+                    "into a lower bound on epsilon at confidence 1 - beta. A loose lower bound, not a proof.")
+    p.add_argument("--model", default="minilm", help="HF name or path, or an offline alias: minilm, smollm2-135m")
+    p.add_argument("--task", default="movie-sentiment", help="task name (see dpmemarc_core.data.TASKS)")
+    p.add_argument("--method", default="lora",
+                   help="full, lora, adapter, bitfit, side, rev (BK DP-Adam), or zo (DPZero on all parameters)")
+    p.add_argument("--epsilon", type=_epsilon, default=8.0, help="privacy budget; inf = non-private")
+    p.add_argument("--delta", type=float, default=DEFAULT_DELTA,
+                   help="delta of both the accountant and the audit (the bound adds 2 * canaries * delta)")
+    p.add_argument("--canaries", type=int, default=500, help="number of canaries m, each included with prob. 1/2")
+    p.add_argument("--canary-length", type=int, default=8, help="random tokens per canary")
+    p.add_argument("--guesses", type=int, default=None,
+                   help="guesses per side k (k 'in' for the highest scores, k 'out' for the lowest); "
+                        "default canaries // 10")
+    p.add_argument("--beta", type=float, default=0.05, help="1 - confidence of the lower bound")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=32, help="expected (Poisson) batch size")
+    p.add_argument("--physical-batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None, help="default 5e-4 (DP-Adam) or zo.DEFAULT_LR (zo)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--accountant", default="rdp", choices=["rdp", "prv"])
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--max-train", type=int, default=500, help="real training examples the canaries join (0 = all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="method option, e.g. r=16 (repeatable)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("--progress", action="store_true", help="show a progress bar")
+    p.set_defaults(func=_run_audit)
+
+
+def audit_from_args(args: argparse.Namespace) -> AuditResult:
+    """Load the backbone and the offline task, build canaries from tokens the task never uses, and audit."""
+    import torch
+
+    from dpmemarc_core.cli import _method_options
+    from dpmemarc_core.data import load_task, num_labels_of, task_kind_of
+    from dpmemarc_core.methods import apply
+    from dpmemarc_core.models import load_backbone
+    from dpmemarc_core.train import PrivateTrainer, resolve_device
+
+    privacy = PrivacySettings(target_epsilon=args.epsilon, delta=args.delta, max_grad_norm=args.max_grad_norm,
+                              accountant=args.accountant)
+    torch.manual_seed(args.seed)
+    device = resolve_device(args.device)
+    kind = task_kind_of(args.task)
+    backbone, tokenizer = load_backbone(args.model, kind, num_labels=max(num_labels_of(args.task), 2))
+    task = load_task(args.task, tokenizer, max_length=args.max_length, max_train=args.max_train or None,
+                     max_eval=1, seed=args.seed)
+    canaries = tokenizer_canaries(tokenizer, args.canaries, args.canary_length, max(task.num_labels, 2), task.train,
+                                  seed=args.seed, generation=kind == "generation")
+    options = _method_options(args.method_option)
+    if args.method == "zo":
+        from dpmemarc_core.zo import DEFAULT_LR, ZOTrainer
+
+        model, trainer_class, lr = apply(backbone, "full", **options), ZOTrainer, args.lr or DEFAULT_LR
+    else:
+        model, trainer_class, lr = apply(backbone, args.method, **options), PrivateTrainer, args.lr or 5e-4
+    return run_audit(model.to(device), task.train, task.collate, canaries, privacy, steps=args.steps,
+                     batch_size=args.batch_size, lr=lr, guesses_per_side=args.guesses, beta=args.beta,
+                     seed=args.seed, physical_batch_size=args.physical_batch_size, device=device,
+                     trainer_class=trainer_class, progress=args.progress)
+
+
+def _format_epsilon(value: float) -> str:
+    return "inf" if math.isinf(value) else f"{value:.3f}"
+
+
+def _run_audit(args: argparse.Namespace) -> int:
+    result = audit_from_args(args)
+    if args.json:
+        summary = {"model": args.model, "task": args.task, "method": args.method, **result.as_dict()}
+        print(json.dumps({k: (str(v) if isinstance(v, float) and math.isinf(v) else v) for k, v in summary.items()}))
+    else:
+        print(f"audit: {args.method} on {args.model} / {args.task}: empirical epsilon lower bound "
+              f"{_format_epsilon(result.epsilon_lower_bound)} at {result.confidence:.0%} confidence; accountant "
+              f"epsilon {_format_epsilon(result.accountant_epsilon)} (delta {result.delta:g}); "
+              f"{result.correct}/{result.guesses} right guesses on {result.canaries} canaries "
+              f"({result.included} included), {result.steps} steps, noise multiplier {result.noise_multiplier:.4g}")
+    return 0
