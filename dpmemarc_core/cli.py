@@ -83,9 +83,14 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dpmemarc_core.cli_audit import add_audit_parser
+    from dpmemarc_core.cli_memory import add_memory_parser
+
     parser = argparse.ArgumentParser(prog="dpmemarc", description=__doc__)
     sub = parser.add_subparsers(dest="command")
     add_train_parser(sub)
+    add_memory_parser(sub)
+    add_audit_parser(sub)
     return parser
 
 
