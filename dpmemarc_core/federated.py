@@ -49,7 +49,7 @@ class FederatedConfig:
     model: str = "minilm"
     task: str = "movie-sentiment"
     method: str = "lora"
-    method_options: str = '{"r": 8}'
+    method_options: str = '{"r": 1}'
     zo_params: str = "lora"
     target_epsilon: float = 8.0
     delta: float = 0.0
@@ -63,7 +63,7 @@ class FederatedConfig:
     accountant: str = "rdp"
     partitioning: str = "iid"
     dirichlet_alpha: float = 0.3
-    max_length: int = 64
+    max_length: int = 48
     max_train: int = 3000
     max_eval: int = 500
     seed: int = 0
