@@ -5,7 +5,7 @@ Every configuration runs the real apps (the ServerApp's round loop, the ClientAp
 in one process through `server.local_grid.InProcessGrid`, so no SuperLink or Ray is needed. The pooled
 baseline is the same code with one site holding every example: same steps per round, batch size, ε and δ.
 
-    python simulations/federated_study.py                 # ~20 CPU-minutes at the defaults (2 cores)
+    python simulations/federated_study.py                 # about 20 CPU-minutes at the defaults
     python simulations/federated_study.py --rounds 2 --local-steps 2 --max-train 600 --max-eval 100   # smoke
 
 Writes <out>/federated_study.json and .png; each configuration's metrics.jsonl and checkpoints are kept in
@@ -54,9 +54,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--local-steps", type=int, default=4)
+    parser.add_argument("--local-steps", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--lr", type=float, default=0.002)
+    parser.add_argument("--rank", type=int, default=1, help="LoRA rank (1, as the default run config)")
     parser.add_argument("--epsilon", type=float, default=8.0)
     parser.add_argument("--delta", type=float, default=1e-4,
                         help="the same δ at every site and for the pooled run (default 1e-4 < 1/N pooled)")
@@ -72,7 +73,7 @@ def main() -> None:
     for name, (sites, partitioning) in CONFIGURATIONS.items():
         output = runs_dir / name.replace(", ", "-").replace(" ", "-").lower()
         run_config = {
-            "model": args.model, "task": args.task, "method": "lora", "method-options": '{"r": 8}',
+            "model": args.model, "task": args.task, "method": "lora", "method-options": json.dumps({"r": args.rank}),
             "num-server-rounds": args.rounds, "local-steps": args.local_steps, "batch-size": args.batch_size,
             "lr": args.lr, "target-epsilon": args.epsilon, "delta": args.delta, "partitioning": partitioning,
             "dirichlet-alpha": args.alpha, "max-train": args.max_train, "max-eval": args.max_eval,
@@ -99,7 +100,7 @@ def main() -> None:
                 linestyle="--" if result["sites"] == 1 else "-", label=name)
     ax.set_xlabel("round (0: starting model)")
     ax.set_ylabel("central accuracy")
-    ax.set_title(f"LoRA r=8 on {args.model} / {args.task}, ε={args.epsilon:g} per site, δ={args.delta:g}, "
+    ax.set_title(f"LoRA r={args.rank} on {args.model} / {args.task}, ε={args.epsilon:g} per site, δ={args.delta:g}, "
                  f"Dirichlet α={args.alpha:g}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
