@@ -113,17 +113,24 @@ class PrivateTrainer:
     def run(self, steps: int, progress: bool = True, on_step: Callable[[int], None] | None = None,
             description: str = "train") -> dict:
         """Run `steps` steps; returns loss/examples/clipping statistics. Batches differ from call to call."""
-        sampler = PoissonBatchSampler(len(self.examples), self.sample_rate, steps, seed=self.seed * 100_003 + self.runs)
-        self.runs += 1
-        stats = StepStats()
-        bar = tqdm(sampler, total=steps, desc=description, disable=not progress, dynamic_ncols=True)
-        for indices in bar:
-            self.step(indices, stats)
-            if stats.steps % 10 == 0 or stats.steps == steps:
-                bar.set_postfix(loss=f"{float(stats.loss_sum) / max(stats.examples, 1):.3f}")
-            if on_step is not None:
-                on_step(stats.steps)
-        return stats.as_dict()
+        return run_steps(self, steps, progress, on_step, description)
+
+
+def run_steps(trainer, steps: int, progress: bool = True, on_step: Callable[[int], None] | None = None,
+              description: str = "train") -> dict:
+    """The step loop shared by every trainer (`PrivateTrainer`, `ZOTrainer`): Poisson batches, progress bar."""
+    sampler = PoissonBatchSampler(len(trainer.examples), trainer.sample_rate, steps,
+                                  seed=trainer.seed * 100_003 + trainer.runs)
+    trainer.runs += 1
+    stats = StepStats()
+    bar = tqdm(sampler, total=steps, desc=description, disable=not progress, dynamic_ncols=True)
+    for indices in bar:
+        trainer.step(indices, stats)
+        if stats.steps % 10 == 0 or stats.steps == steps:
+            bar.set_postfix(loss=f"{float(stats.loss_sum) / max(stats.examples, 1):.3f}")
+        if on_step is not None:
+            on_step(stats.steps)
+    return stats.as_dict()
 
 
 @dataclass

@@ -21,12 +21,11 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from dpmemarc_core.losses import per_example_loss
-from dpmemarc_core.privacy import PoissonBatchSampler, PrivacyAccountant, PrivacySettings
+from dpmemarc_core.privacy import PrivacyAccountant, PrivacySettings
 from dpmemarc_core.privacy.settings import check_count, check_sample_rate
-from dpmemarc_core.train import Collate, StepStats
+from dpmemarc_core.train import Collate, StepStats, run_steps
 from dpmemarc_core.zo_directions import (
     SEED_BOUND,
     apply_zo_updates,
@@ -185,14 +184,4 @@ class ZOTrainer:
 
         The reported loss is the mean of L(θ+λz) and L(θ−λz), which is L(θ) up to O(λ²).
         """
-        sampler = PoissonBatchSampler(len(self.examples), self.sample_rate, steps, seed=self.seed * 100_003 + self.runs)
-        self.runs += 1
-        stats = StepStats()
-        bar = tqdm(sampler, total=steps, desc=description, disable=not progress, dynamic_ncols=True)
-        for indices in bar:
-            self.step(indices, stats)
-            if stats.steps % 10 == 0 or stats.steps == steps:
-                bar.set_postfix(loss=f"{float(stats.loss_sum) / max(stats.examples, 1):.3f}")
-            if on_step is not None:
-                on_step(stats.steps)
-        return stats.as_dict()
+        return run_steps(self, steps, progress, on_step, description)
