@@ -21,7 +21,6 @@ from transformers import (
 )
 
 from dpmemarc_core import offline
-from dpmemarc_core.data import task_kind_of  # noqa: F401  (re-exported: callers pick the head from a task name)
 
 TASK_KINDS = ("classification", "generation")
 OFFLINE_ALIASES: dict[str, Callable[[], Path]] = {
