@@ -41,7 +41,9 @@ def pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
-def certificate(subject: str, public_key, issuer: x509.Name | None, signing_key, hosts: list[str] = ()) -> x509.Certificate:
+def certificate(subject: str, public_key, issuer: x509.Name | None, signing_key,
+                hosts: list[str] = ()) -> x509.Certificate:
+    """Self-signed CA certificate when ``issuer`` is None, else a server certificate for ``hosts``."""
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
     now = datetime.datetime.now(datetime.timezone.utc)
     builder = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer or name).public_key(public_key)
