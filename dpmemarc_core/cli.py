@@ -7,14 +7,8 @@ import json
 import math
 import sys
 
+from dpmemarc_core.cli_args import epsilon_arg
 from dpmemarc_core.train import TrainConfig, train
-
-
-def _epsilon(text: str) -> float:
-    value = float(text)
-    if not (value > 0):
-        raise argparse.ArgumentTypeError(f"--epsilon must be > 0 (or 'inf' for non-private), got {text}")
-    return value
 
 
 def _method_options(pairs: list[str]) -> dict:
@@ -37,7 +31,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=d.model, help="HF name or path, or an offline alias: minilm, smollm2-135m")
     p.add_argument("--task", default=d.task, help="task name (see dpmemarc_core.data.TASKS)")
     p.add_argument("--method", default=d.method, help="full, lora, adapter, bitfit, side, rev, zo")
-    p.add_argument("--epsilon", type=_epsilon, default=d.epsilon, help="privacy budget; inf = non-private")
+    p.add_argument("--epsilon", type=epsilon_arg, default=d.epsilon, help="privacy budget; inf = non-private")
     p.add_argument("--delta", type=float, default=None, help="default 1/N (N training examples)")
     steps = p.add_mutually_exclusive_group()
     steps.add_argument("--epochs", type=float, default=None, help="default 1 epoch when --max-steps is unset")

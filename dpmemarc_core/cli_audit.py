@@ -9,19 +9,13 @@ import argparse
 import json
 import math
 
+from dpmemarc_core.cli_args import epsilon_arg
 from dpmemarc_core.privacy.audit import AuditResult, run_audit, tokenizer_canaries
 from dpmemarc_core.privacy.settings import PrivacySettings
 
 # The bound pays 2·m·δ: with train's default δ = 1/N and m canaries among N examples that term is about 1,
 # which costs a good part of the bound (the paper audits at δ = 1e-5).
 DEFAULT_DELTA = 1e-5
-
-
-def _epsilon(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"--epsilon must be > 0 (or 'inf' for non-private), got {text}")
-    return value
 
 
 def add_audit_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -36,7 +30,7 @@ def add_audit_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--task", default="movie-sentiment", help="task name (see dpmemarc_core.data.TASKS)")
     p.add_argument("--method", default="lora",
                    help="full, lora, adapter, bitfit, side, rev (BK DP-Adam), or zo (DPZero on all parameters)")
-    p.add_argument("--epsilon", type=_epsilon, default=8.0, help="privacy budget; inf = non-private")
+    p.add_argument("--epsilon", type=epsilon_arg, default=8.0, help="privacy budget; inf = non-private")
     p.add_argument("--delta", type=float, default=DEFAULT_DELTA,
                    help="delta of both the accountant and the audit (the bound adds 2 * canaries * delta)")
     p.add_argument("--canaries", type=int, default=500, help="number of canaries m, each included with prob. 1/2")

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from dpmemarc_core.cli_args import epsilon_arg
 from dpmemarc_core.memory import DEVICES, ENGINES, PRECISIONS, MemorySpec, format_report, step_memory
 
 
@@ -20,16 +21,6 @@ def _positive_int(name: str):
         return value
 
     return parse
-
-
-def _epsilon(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--epsilon must be a number > 0 or 'inf', got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"--epsilon must be > 0 (or 'inf' for no noise), got {text}")
-    return value
 
 
 def _method_option(text: str) -> tuple[str, object]:
@@ -64,7 +55,7 @@ def add_memory_parser(subparsers: argparse._SubParsersAction) -> None:
                         "(default: cuda when available, else meta)")
     p.add_argument("--engine", choices=list(ENGINES), default=d.engine,
                    help="bk: ours; opacus: GradSampleModule hooks + DPOptimizer; nondp: no clipping, no noise")
-    p.add_argument("--epsilon", type=_epsilon, default=d.epsilon,
+    p.add_argument("--epsilon", type=epsilon_arg, default=d.epsilon,
                    help="finite: noise is drawn (its scale moves no byte); "
                         "inf: no noise (engine bk: a non-private step)")
     p.add_argument("--clipping-mode", choices=["mixed", "ghost", "instantiate"], default=d.clipping_mode)
