@@ -54,6 +54,8 @@ def parse_args(name: str, description: str, argv: list[str] | None) -> argparse.
     parser.add_argument("--methods", type=_names, default=None, help="run only these methods (comma-separated)")
     parser.add_argument("--epsilons", type=_names, default=None,
                         help="run only these ε columns, e.g. 8,inf (comma-separated); the table shows every cell done")
+    parser.add_argument("--report", action="store_true",
+                        help="run nothing: write the table (and figure) from the cells finished so far")
     args = parser.parse_args(argv)
     if args.quick and args.scale == "paper":
         parser.error("--quick is a smaller offline run; use it with --scale offline")
@@ -72,11 +74,16 @@ def selection(args: argparse.Namespace) -> Callable[[dict], bool]:
     epsilons = None if args.epsilons is None else {epsilon_key(float(e)) for e in args.epsilons}
 
     def selected(fields: dict) -> bool:
-        return ((args.tasks is None or fields.get("task") in args.tasks)
+        return not args.report and ((args.tasks is None or fields.get("task") in args.tasks)
                 and (args.methods is None or fields.get("method") in args.methods)
                 and (epsilons is None or fields.get("epsilon_target") in epsilons))
 
     return selected
+
+
+def memory_selection(args: argparse.Namespace) -> Callable[[dict], bool]:
+    """Memory cells are cheap and shared: every one a table needs is run, unless --report."""
+    return lambda fields: not args.report
 
 
 def run_name(args: argparse.Namespace) -> str:

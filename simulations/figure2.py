@@ -22,12 +22,14 @@ from simulations.common import (
     memory_cell_id,
     memory_jobs,
     memory_spec,
+    memory_selection,
     memory_store,
     parse_args,
     require_hub,
     run_cells,
     run_name,
     scale_note,
+    selection,
     train_cell,
     train_config,
     write_outputs,
@@ -119,13 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{NAME}: {scale_note(config)}\nresults in {out}", flush=True)
     variants = variants_of(config)
     memory_cells = run_cells(memory_store(Path(args.results)),
-                             memory_jobs(variant_memory_spec(config, v["options"]) for v in variants.values()))
+                             memory_jobs(variant_memory_spec(config, v["options"]) for v in variants.values()),
+                             memory_selection(args))
     task = config["tasks"][0]
     jobs = [(name, {"task": task, "variant": variant["label"], "train_config": asdict(
                  train_config(config, task, "rev", EPSILON, method_options=dict(variant["options"])))},
              lambda o=variant["options"]: train_cell(config, task, "rev", EPSILON, method_options=dict(o)))
             for name, variant in variants.items()]
-    train_cells = run_cells(CellStore(out / "cells"), jobs)
+    train_cells = run_cells(CellStore(out / "cells"), jobs, selection(args))
     write_outputs(out, NAME, {"config": config, "train": train_cells, "memory": memory_cells},
                   render(config, train_cells, memory_cells))
     plot(config, train_cells, memory_cells, out / f"{NAME}.png")

@@ -23,6 +23,7 @@ from simulations.common import (
     memory_cell_id,
     memory_jobs,
     memory_spec,
+    memory_selection,
     memory_store,
     parse_args,
     require_hub,
@@ -135,7 +136,11 @@ def claim_check(config: dict, train_cells: dict, memory_cells: dict) -> str:
         for method in ("side", "rev"):
             gap = accuracy_percent(cells[method]) - lora
             verdicts.append(f"{method} {gap:+.2f} points ({'within' if gap >= -CLAIM_POINTS else 'outside'})")
-        lines.append(f"- {task}: DP-LoRA {lora:.2f}%; " + "; ".join(verdicts))
+        learned = ", ".join(f"{m} {100 * c['metrics_before']['accuracy']:.1f} → {accuracy_percent(c):.1f}"
+                            for m, c in cells.items())
+        lines.append(f"- {task}: DP-LoRA {lora:.2f}%; " + "; ".join(verdicts)
+                     + f". Before → after training: {learned} (a gap between models that learned nothing says "
+                     "nothing about the claim)")
     return "\n".join(lines)
 
 
@@ -148,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{NAME}: {scale_note(config)}\nresults in {out}", flush=True)
     memory_cells = run_cells(memory_store(Path(args.results)),
                              memory_jobs(memory_spec(config, m, e) for m in config["methods"]
-                                         for e in config["epsilons"]))
+                                         for e in config["epsilons"]), memory_selection(args))
     train_cells = run_cells(CellStore(out / "cells"), training_jobs(config), selection(args))
     write_outputs(out, NAME, {"config": config, "train": train_cells, "memory": memory_cells},
                   render(config, train_cells, memory_cells))

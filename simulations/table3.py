@@ -23,6 +23,7 @@ from simulations.common import (
     memory_cell_id,
     memory_jobs,
     memory_spec,
+    memory_selection,
     memory_store,
     parse_args,
     require_hub,
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{NAME}: {scale_note(config)}\nresults in {out}", flush=True)
     memory_cells = run_cells(memory_store(Path(args.results)),
                              memory_jobs(memory_spec(config, m, e) for m in config["methods"]
-                                         for e in config["epsilons"]))
+                                         for e in config["epsilons"]), memory_selection(args))
     train_cells = run_cells(CellStore(out / "cells"), training_jobs(config), selection(args))
     write_outputs(out, NAME, {"config": config, "train": train_cells, "memory": memory_cells},
                   render(config, train_cells, memory_cells))

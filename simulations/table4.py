@@ -21,6 +21,7 @@ from simulations.common import (
     memory_cell_id,
     memory_jobs,
     memory_spec,
+    memory_selection,
     memory_store,
     parse_args,
     run_name,
@@ -69,6 +70,10 @@ def render(config: dict, cells: dict) -> str:
         "'…' = not run yet.",
         "",
         markdown_table(header, rows),
+        "",
+        "Opacus on MemDPT_rev runs without error: its hooks record layer inputs in the forward and again when "
+        "rev's backward recomputes each block. This table measures memory only; it does not check that "
+        "Opacus's per-example gradients through the reversible backward are right.",
     ]
     if notes.notes:
         parts += ["", notes.render()]
@@ -81,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.results) / NAME / run_name(args)
     print(f"{NAME}: memory of {', '.join(config['methods'])} under engines {', '.join(engines_of(config))}; "
           f"results in {out}", flush=True)
-    cells = run_cells(memory_store(Path(args.results)), memory_jobs(specs(config)))
+    cells = run_cells(memory_store(Path(args.results)), memory_jobs(specs(config)), memory_selection(args))
     write_outputs(out, NAME, {"config": config, "memory": cells}, render(config, cells))
     return 0
 
