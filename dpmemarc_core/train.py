@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -31,6 +32,14 @@ def sample_rate_for(batch_size: int, num_examples: int) -> float:
     check_count(batch_size, "batch_size", minimum=1)
     check_count(num_examples, "num_examples", minimum=1)
     return check_sample_rate(min(1.0, batch_size / num_examples), "batch_size / num_examples")
+
+
+def noise_generator(device: torch.device, noise_seed: int | None = None) -> torch.Generator | None:
+    """The Gaussian-noise generator. Seeded from OS entropy unless `noise_seed` is given (tests, debugging):
+    noise an adversary can regenerate from a known seed (the default `seed` 0) protects nothing."""
+    if device.type == "meta":  # memory simulation: no generator there, and noise is shape-only anyway
+        return None
+    return torch.Generator(device).manual_seed(secrets.randbits(63) if noise_seed is None else noise_seed)
 
 
 class StepStats:
@@ -59,7 +68,7 @@ class PrivateTrainer:
     def __init__(self, model: torch.nn.Module, examples: Sequence[dict], collate: Collate,
                  privacy: PrivacySettings, sample_rate: float, noise_multiplier: float, lr: float = 5e-4,
                  accountant: PrivacyAccountant | None = None, physical_batch_size: int | None = None,
-                 seed: int = 0, device: torch.device | str | None = None) -> None:
+                 seed: int = 0, device: torch.device | str | None = None, noise_seed: int | None = None) -> None:
         self.model = model
         self.examples = examples
         self.collate = collate
@@ -73,8 +82,7 @@ class PrivateTrainer:
         self.optimizer = torch.optim.Adam(self.params, lr=lr)
         self.seed = seed
         self.runs = 0
-        # The meta device (memory simulation) has no generator; noise there is shape-only anyway.
-        self.generator = None if self.device.type == "meta" else torch.Generator(self.device).manual_seed(seed)
+        self.generator = noise_generator(self.device, noise_seed)
         self.engine = None
         if privacy.is_private:
             self.engine = BKEngine(model, max_grad_norm=privacy.max_grad_norm, clipping_mode=privacy.clipping_mode,

@@ -25,7 +25,7 @@ import torch
 from dpmemarc_core.losses import per_example_loss
 from dpmemarc_core.privacy import PrivacyAccountant, PrivacySettings
 from dpmemarc_core.privacy.settings import check_count, check_sample_rate
-from dpmemarc_core.train import Collate, StepStats, run_steps
+from dpmemarc_core.train import Collate, StepStats, noise_generator, run_steps
 from dpmemarc_core.zo_directions import (
     SEED_BOUND,
     apply_zo_updates,
@@ -88,7 +88,7 @@ class ZOTrainer:
                  accountant: PrivacyAccountant | None = None, physical_batch_size: int | None = None,
                  seed: int = 0, device: torch.device | str | None = None, *,
                  perturbation_scale: float = DEFAULT_PERTURBATION_SCALE,
-                 direction_device: torch.device | str | None = None) -> None:
+                 direction_device: torch.device | str | None = None, noise_seed: int | None = None) -> None:
         self.model = model
         self.examples = examples
         self.collate = collate
@@ -105,8 +105,7 @@ class ZOTrainer:
         self.direction_device = resolve_direction_device(self.params, direction_device)
         self.seed = check_count(seed, "seed", minimum=0)
         self.runs = 0
-        # The meta device (memory simulation) has no generator; noise there is shape-only anyway.
-        self.generator = None if self.device.type == "meta" else torch.Generator(self.device).manual_seed(seed)
+        self.generator = noise_generator(self.device, noise_seed)
         # Direction seeds are published (history); drawing them from the noise generator would publish it.
         self._direction_seeds = np.random.default_rng([seed, _DIRECTION_STREAM])
         self._seeds: list[int] = []

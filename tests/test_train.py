@@ -97,3 +97,14 @@ def test_step_plan_and_sample_rate_validation():
         sample_rate_for(0, 10)
     with pytest.raises(ValueError, match="epochs"):
         planned_steps(TrainConfig(epochs=-1.0), 100)
+
+
+def test_noise_is_unpredictable_unless_a_noise_seed_is_given():
+    def update(noise_seed):
+        model = tiny_lm()
+        trainer = make_trainer(model, examples(n=4), sigma=1.0, q=0.25, seed=0, noise_seed=noise_seed)
+        trainer.step([], StepStats())  # empty batch: the update is pure noise
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    assert not torch.equal(update(None), update(None)), "noise must not follow from the public training seed"
+    assert torch.equal(update(3), update(3))

@@ -123,7 +123,7 @@ def test_steps_are_reproducible_from_the_seed():
     runs = []
     for seed in (5, 5, 6):
         model = tiny_classifier()
-        trainer = make_trainer(model, examples(), sigma=0.5, lr=1e-2, seed=seed)
+        trainer = make_trainer(model, examples(), sigma=0.5, lr=1e-2, seed=seed, noise_seed=seed)
         trainer.run(4, progress=False)
         runs.append((trainable(model), trainer.history))
     (params_a, history_a), (params_b, history_b), (params_c, history_c) = runs
