@@ -150,7 +150,7 @@ def audit_tiny_lm(epsilon: float, seed: int = 0):
     canaries = make_canaries(CANARIES, tokens[400:], 8, 0, seed=seed, generation=True)
     collate = Task("tiny", "generation", 0, real, [], pad_token_id=0).collate
     return run_audit(model, real, collate, canaries, PrivacySettings(target_epsilon=epsilon, delta=1e-5),
-                     steps=20, batch_size=10_000, lr=1e-3, seed=seed)
+                     steps=20, batch_size=10_000, lr=1e-3, seed=seed, noise_seed=seed)
 
 
 def test_non_private_run_is_detected():

@@ -175,14 +175,16 @@ def run_audit(model: torch.nn.Module, examples: Sequence[dict], collate: Collate
               privacy: PrivacySettings, *, steps: int, batch_size: int, lr: float = 5e-4,
               guesses_per_side: int | None = None, beta: float = 0.05, seed: int = 0,
               physical_batch_size: int | None = None, device: torch.device | str | None = None,
-              trainer_class: Callable[..., PrivateTrainer] = PrivateTrainer, progress: bool = False) -> AuditResult:
+              trainer_class: Callable[..., PrivateTrainer] = PrivateTrainer, noise_seed: int | None = None,
+              progress: bool = False) -> AuditResult:
     """Train `model` once on `examples` plus a random half of `canaries`, and audit the run.
 
     `privacy.delta` must be set (e.g. 1e-5): the bound pays 2·m·δ, which the default δ = 1/N of training
     makes about 1. The noise is calibrated as in `train`: q = batch_size / N, σ for `privacy.target_epsilon` at
     that δ after `steps` steps. `guesses_per_side` (k, default m // 10) is fixed before training: choosing it after
     seeing the scores would void the confidence. `trainer_class` is `PrivateTrainer` or a class with its
-    constructor and `run`/`accountant` (e.g. `zo.ZOTrainer`).
+    constructor and `run`/`accountant` (e.g. `zo.ZOTrainer`). `noise_seed` makes the noise repeatable (tests);
+    leave it None to audit the noise a real run draws (OS entropy).
     """
     if privacy.delta is None:
         raise ValueError("privacy.delta must be set for an audit (e.g. 1e-5): the bound adds 2 * canaries * delta")
@@ -199,7 +201,8 @@ def run_audit(model: torch.nn.Module, examples: Sequence[dict], collate: Collate
                                  steps=check_count(steps, "steps", minimum=1), accountant=privacy.accountant)
     before = canary_losses(model, canaries, collate, device=device)
     trainer = trainer_class(model, train_set, collate, privacy, q, sigma, lr=lr,
-                            physical_batch_size=physical_batch_size, seed=seed, device=device)
+                            physical_batch_size=physical_batch_size, seed=seed, device=device,
+                            noise_seed=noise_seed)
     trainer.run(steps, progress=progress, description="audit")
     after = canary_losses(model, canaries, collate, device=device)
     correct = count_correct_guesses(membership_scores(before, after, canaries), included, k)
