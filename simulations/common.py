@@ -19,7 +19,6 @@ import time
 import tomllib
 import traceback
 from collections.abc import Callable, Iterable
-from dataclasses import asdict
 from pathlib import Path
 
 SIMULATIONS_DIR = Path(__file__).resolve().parent
@@ -212,16 +211,21 @@ def run_cells(store: CellStore, jobs: Iterable[tuple[str, dict, Callable[[], dic
 # ---- training cells -------------------------------------------------------------------------------------
 
 
-def train_config(config: dict, task: str, method: str, epsilon: float, **overrides):
-    """The TrainConfig of one cell: the paper's B, T, lr and LoRA/adapter sizes unless the config says otherwise."""
-    from dpmemarc_core.train import TrainConfig
-
+def train_settings(config: dict, task: str, method: str, epsilon: float, **overrides) -> dict:
+    """The TrainConfig fields one cell sets (the rest are TrainConfig's defaults). They define the cell: a
+    new TrainConfig field with a default leaves finished cells valid."""
     fields = {k: config[k] for k in ("batch_size", "lr", "max_length", "max_train", "max_eval", "max_steps", "epochs",
                                      "seed", "physical_batch_size", "device", "max_grad_norm") if k in config}
     fields["lr"] = config.get("method_lr", {}).get(method, fields.get("lr", 5e-4))
     fields["method_options"] = dict(config.get("method_options", {}).get(method, {}))
-    return TrainConfig(model=config["model"], task=task, method=method, epsilon=epsilon, progress=False,
-                       **{**fields, **overrides})
+    return {"model": config["model"], "task": task, "method": method, "epsilon": epsilon, **fields, **overrides}
+
+
+def train_config(config: dict, task: str, method: str, epsilon: float, **overrides):
+    """The TrainConfig of one cell: the paper's B, T, lr and LoRA/adapter sizes unless the config says otherwise."""
+    from dpmemarc_core.train import TrainConfig
+
+    return TrainConfig(**train_settings(config, task, method, epsilon, **overrides), progress=False)
 
 
 def train_cell(config: dict, task: str, method: str, epsilon: float, **overrides) -> dict:
@@ -241,7 +245,7 @@ def training_jobs(config: dict, tasks: list[str] | None = None) -> list[tuple[st
             for epsilon in config["epsilons"]:
                 cell_id = f"{task}__{method}__eps{epsilon_key(epsilon)}"
                 fields = {"task": task, "method": method, "epsilon_target": epsilon_key(epsilon),
-                          "model": config["model"], "train_config": asdict(train_config(config, task, method, epsilon))}
+                          "model": config["model"], "settings": train_settings(config, task, method, epsilon)}
                 jobs.append((cell_id, fields, lambda t=task, m=method, e=epsilon: train_cell(config, t, m, e)))
     return jobs
 

@@ -9,7 +9,6 @@ Bars: accuracy after training and simulated training memory of the paper's model
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 from simulations import paper_numbers
@@ -31,7 +30,7 @@ from simulations.common import (
     scale_note,
     selection,
     train_cell,
-    train_config,
+    train_settings,
     write_outputs,
 )
 
@@ -124,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                              memory_jobs(variant_memory_spec(config, v["options"]) for v in variants.values()),
                              memory_selection(args))
     task = config["tasks"][0]
-    jobs = [(name, {"task": task, "variant": variant["label"], "train_config": asdict(
-                 train_config(config, task, "rev", EPSILON, method_options=dict(variant["options"])))},
+    jobs = [(name, {"task": task, "variant": variant["label"],
+                    "settings": train_settings(config, task, "rev", EPSILON, method_options=dict(variant["options"]))},
              lambda o=variant["options"]: train_cell(config, task, "rev", EPSILON, method_options=dict(o)))
             for name, variant in variants.items()]
     train_cells = run_cells(CellStore(out / "cells"), jobs, selection(args))

@@ -12,7 +12,6 @@ interrupted curve is run again from step 0.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from simulations import paper_numbers
@@ -28,6 +27,7 @@ from simulations.common import (
     scale_note,
     selection,
     train_config,
+    train_settings,
     write_outputs,
 )
 
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{NAME}: {scale_note(config)}\nresults in {out}", flush=True)
     task = config["tasks"][0]
     jobs = [(method, {"task": task, "method": method, "epsilon_target": "8", "eval_every": config["eval_every"],
-                      "train_config": asdict(train_config(config, task, method, EPSILON))},
+                      "settings": train_settings(config, task, method, EPSILON)},
              lambda m=method: curve_cell(config, task, m)) for method in config["methods"]]
     cells = run_cells(CellStore(out / "cells"), jobs, selection(args))
     write_outputs(out, NAME, {"config": config, "curves": cells}, render(config, cells))
