@@ -8,6 +8,7 @@ import math
 import sys
 
 from dpmemarc_core.cli_args import epsilon_arg
+from dpmemarc_core.presets import PRESETS, preset_config
 from dpmemarc_core.train import TrainConfig, train
 
 
@@ -28,47 +29,63 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="private fine-tuning on one site (no arguments: the offline quickstart)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = TrainConfig()
+    p.add_argument("--preset", default="quick", choices=PRESETS,
+                   help="starting point for every setting below left unset: 'quick' learns in a few CPU minutes "
+                        "(B=128, 3 epochs of 2000 examples, T=48, lr 5e-3, LoRA r=1), 'paper' is the paper's "
+                        "(B=32, T=128, lr 5e-4, r=64, one epoch of all examples); see dpmemarc_core/presets.py")
     p.add_argument("--model", default=d.model, help="HF name or path, or an offline alias: minilm, smollm2-135m")
     p.add_argument("--task", default=d.task, help="task name (see dpmemarc_core.data.TASKS)")
     p.add_argument("--method", default=d.method, help="full, lora, adapter, bitfit, side, rev, zo")
     p.add_argument("--epsilon", type=epsilon_arg, default=d.epsilon, help="privacy budget; inf = non-private")
     p.add_argument("--delta", type=float, default=None, help="default 1/N (N training examples)")
     steps = p.add_mutually_exclusive_group()
-    steps.add_argument("--epochs", type=float, default=None, help="default 1 epoch when --max-steps is unset")
+    steps.add_argument("--epochs", type=float, default=None, help="default: the preset's")
     steps.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="expected (Poisson) batch size")
+    p.add_argument("--batch-size", type=int, default=None, help="expected (Poisson) batch size; default: the preset's")
     p.add_argument("--physical-batch-size", type=int, default=None,
                    help="split each batch into micro-batches of this size to save memory")
-    p.add_argument("--lr", type=float, default=None, help="default 5e-4 (DP-Adam); 1e-5 for --method zo (DPZero's SGD)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="default: the preset's for the method, else 5e-4 (DP-Adam), 1e-5 for --method zo (DPZero)")
     p.add_argument("--zo-params", default=d.zo_params, choices=["full", "lora", "bitfit"],
                    help="with --method zo: which parameters DPZero perturbs")
     p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
     p.add_argument("--clipping-mode", default=d.clipping_mode, choices=["mixed", "ghost", "instantiate"])
     p.add_argument("--clip-fn", default=d.clip_fn, choices=["abadi", "automatic"])
     p.add_argument("--accountant", default=d.accountant, choices=["rdp", "prv"])
-    p.add_argument("--max-length", type=int, default=d.max_length)
-    p.add_argument("--max-train", type=int, default=2000, help="cap on training examples (0 = all)")
-    p.add_argument("--max-eval", type=int, default=500, help="cap on evaluation examples (0 = all)")
+    p.add_argument("--max-length", type=int, default=None, help="tokens; default: the preset's")
+    p.add_argument("--max-train", type=int, default=None, help="cap on training examples (0 = all); default: the preset's")
+    p.add_argument("--max-eval", type=int, default=None, help="cap on evaluation examples (0 = all); default: the preset's")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="method option, e.g. r=16 or reduction=8 (repeatable)")
+                   help="method option, e.g. r=16 or reduction=8 (repeatable; merged over the preset's)")
     p.add_argument("--output", default="runs/quickstart", help="directory for summary.json and the trainable state")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run_train)
 
 
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The run's TrainConfig: the preset's settings, overridden by every flag given."""
+    # Flags left unset (None) take the preset's value; 0 for the caps means "all examples".
+    unset_by_default = {"epochs": args.epochs, "max_steps": args.max_steps, "batch_size": args.batch_size,
+                        "lr": args.lr, "max_length": args.max_length, "max_train": args.max_train,
+                        "max_eval": args.max_eval}
+    given = {k: v for k, v in unset_by_default.items() if v is not None}
+    for cap in ("max_train", "max_eval"):
+        if given.get(cap) == 0:
+            given[cap] = None
+    if args.max_steps is not None:
+        given["epochs"] = None
+    return preset_config(
+        args.preset, args.method, model=args.model, task=args.task, epsilon=args.epsilon, delta=args.delta,
+        physical_batch_size=args.physical_batch_size, max_grad_norm=args.max_grad_norm,
+        clipping_mode=args.clipping_mode, clip_fn=args.clip_fn, accountant=args.accountant, seed=args.seed,
+        device=args.device, output=args.output, method_options=_method_options(args.method_option),
+        zo_params=args.zo_params, progress=not args.no_progress, **given)
+
+
 def _run_train(args: argparse.Namespace) -> int:
-    cfg = TrainConfig(
-        model=args.model, task=args.task, method=args.method, epsilon=args.epsilon, delta=args.delta,
-        epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
-        physical_batch_size=args.physical_batch_size, lr=args.lr, max_grad_norm=args.max_grad_norm,
-        clipping_mode=args.clipping_mode, clip_fn=args.clip_fn, accountant=args.accountant,
-        max_length=args.max_length, max_train=args.max_train or None, max_eval=args.max_eval or None,
-        seed=args.seed, device=args.device, output=args.output,
-        method_options=_method_options(args.method_option), zo_params=args.zo_params,
-        progress=not args.no_progress)
-    summary = train(cfg)
+    summary = train(train_config_from_args(args))
     eps = summary["epsilon"]
     print(f"done: method={summary['method']} steps={summary['steps']} "
           f"epsilon={'inf' if math.isinf(eps) else f'{eps:.3f}'} delta={summary['delta']:.3g} "

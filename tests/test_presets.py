@@ -1,0 +1,43 @@
+"""Presets: what `dpmemarc train` runs when flags are left unset, and that every given flag wins."""
+
+import pytest
+
+from dpmemarc_core.cli import build_parser, train_config_from_args
+from dpmemarc_core.presets import preset_config
+from dpmemarc_core.train import TrainConfig
+
+
+def _config(*flags: str) -> TrainConfig:
+    return train_config_from_args(build_parser().parse_args(["train", *flags]))
+
+
+def test_no_flags_is_the_quick_preset_for_lora():
+    cfg = _config()
+    assert cfg == preset_config("quick", "lora", output="runs/quickstart")
+    assert (cfg.method, cfg.batch_size, cfg.epochs, cfg.max_length, cfg.lr) == ("lora", 128, 3.0, 48, 5e-3)
+    assert cfg.method_options == {"r": 1} and cfg.max_train == 2000
+
+
+def test_paper_preset_is_the_library_default():
+    cfg = _config("--preset", "paper", "--method", "rev")
+    assert cfg == TrainConfig(method="rev", output="runs/quickstart")
+
+
+def test_flags_override_the_preset_and_options_merge():
+    cfg = _config("--batch-size", "16", "--lr", "1e-4", "--max-train", "0", "--max-steps", "7",
+                  "--method-option", "lora_alpha=2")
+    assert (cfg.batch_size, cfg.lr, cfg.max_train, cfg.max_steps, cfg.epochs) == (16, 1e-4, None, 7, None)
+    assert cfg.method_options == {"r": 1, "lora_alpha": 2}
+    assert _config("--method-option", "r=4").method_options == {"r": 4}
+
+
+def test_methods_without_a_tuned_entry_keep_the_paper_lr_and_options():
+    cfg = preset_config("quick", "zo")
+    assert cfg.lr is None and cfg.method_options == {} and cfg.batch_size == 128
+
+
+def test_unknown_preset_is_a_clear_error():
+    with pytest.raises(ValueError, match="preset must be one of"):
+        preset_config("fast")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--preset", "fast"])
