@@ -8,12 +8,13 @@ from bk_reference import assert_bk_matches_reference, clipped_reference
 from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2ForSequenceClassification,
                           GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, RobertaConfig,
                           RobertaForSequenceClassification)
+from transformers.activations import ACT2FN
 
 from dpmemarc_core.losses import per_example_loss
 from dpmemarc_core.methods.side import apply_side, pool
 from dpmemarc_core.methods.side_families import read_family
 from dpmemarc_core.methods.side_init import plan_pruning
-from dpmemarc_core.methods.side_network import allowed_keys
+from dpmemarc_core.methods.side_network import FUSED_ACTIVATIONS, allowed_keys
 
 VOCAB, HIDDEN, FFN, LABELS, REDUCTION = 61, 32, 96, 3, 4
 PAD = 1
@@ -245,6 +246,26 @@ def test_meta_device_forward_and_backward():
     assert out.logits.device.type == "meta" and out.logits.shape == (2, 5, VOCAB)
     out.loss.backward()
     assert model.side.up.weight.grad.device.type == "meta"
+
+
+@pytest.mark.parametrize("name", ["gpt2", "roberta"])
+def test_states_are_kept_in_the_autocast_dtype(name):
+    # Under autocast the down-projections compute in bf16: the states they read are kept as bf16 (a post-norm
+    # backbone hands on fp32 layer outputs), never as fp32 copies, and the side network still trains.
+    model = _side(name).float()
+    batch = _batch(name)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        states, _ = model.backbone_states(batch["input_ids"], batch["attention_mask"])
+        loss = _loss(model, batch).sum()
+    assert {s.dtype for s in states} == {torch.bfloat16}
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.side.parameters())
+
+
+def test_fused_activation_is_the_backbone_function():
+    x = torch.linspace(-6, 6, 1001, dtype=torch.float64)
+    for written_out, fused in FUSED_ACTIVATIONS.items():
+        torch.testing.assert_close(ACT2FN[fused](x), ACT2FN[written_out](x), rtol=1e-12, atol=1e-12)
 
 
 def test_bad_inputs_are_named():

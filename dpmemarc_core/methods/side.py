@@ -17,7 +17,7 @@ from transformers.modeling_outputs import CausalLMOutput, SequenceClassifierOutp
 from dpmemarc_core.losses import per_example_loss
 from dpmemarc_core.methods.side_families import Family, read_family
 from dpmemarc_core.methods.side_init import init_from_backbone, plan_pruning
-from dpmemarc_core.methods.side_network import LadderSideNetwork, allowed_keys
+from dpmemarc_core.methods.side_network import LadderSideNetwork, allowed_keys, matmul_dtype
 
 
 def _hidden_of(output: torch.Tensor | tuple) -> torch.Tensor:
@@ -55,10 +55,15 @@ class SideTunedModel(nn.Module):
         """Without autograd: [embedding output, layer 1 output, ..., layer L output] and the final hidden state."""
         layers = self.family.layers
         states: list[torch.Tensor] = []
+
+        def keep(state: torch.Tensor) -> None:
+            # Kept in the dtype the down-projections compute in: under autocast a post-norm backbone
+            # (BERT, RoBERTa) hands on fp32 layer outputs, and only their bf16 casts are needed.
+            states.append(state.to(matmul_dtype(state, self.side.entry.weight)))
+
         handles = [layers[0].register_forward_pre_hook(
-            lambda module, args, kwargs: states.append(args[0] if args else kwargs["hidden_states"]),
-            with_kwargs=True)]
-        handles += [layer.register_forward_hook(lambda module, args, output: states.append(_hidden_of(output)))
+            lambda module, args, kwargs: keep(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)]
+        handles += [layer.register_forward_hook(lambda module, args, output: keep(_hidden_of(output)))
                     for layer in layers]
         if self.family.causal:
             backbone_kwargs.setdefault("use_cache", False)

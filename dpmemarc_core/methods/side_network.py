@@ -15,6 +15,9 @@ from transformers.activations import ACT2FN
 from dpmemarc_core.methods.side_families import Family
 
 GATE_TEMPERATURE = 0.1  # LST's T: with α₀ = 0 the gate starts at 0.5 and moves quickly once trained
+# The same function as one fused kernel. GPT-2's "gelu_new" is written out of elementwise ops, and under
+# autocast its pow runs in fp32, so autograd keeps three fp32 copies of the MLP's hidden state per block.
+FUSED_ACTIVATIONS = {"gelu_new": "gelu_pytorch_tanh"}
 
 
 def make_norm(family: Family, width: int, **factory) -> nn.Module:
@@ -22,6 +25,14 @@ def make_norm(family: Family, width: int, **factory) -> nn.Module:
     if family.norm == "rms":
         return nn.RMSNorm(width, eps=family.eps, **factory)
     return nn.LayerNorm(width, eps=family.eps, **factory)
+
+
+def matmul_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul of `x` by `weight` runs in: autocast's where it is on for `x`'s device, else the weight's."""
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
 
 
 def allowed_keys(attention_mask: torch.Tensor | None, batch: int, length: int, causal: bool,
@@ -64,7 +75,7 @@ class SideBlock(nn.Module):
         self.fc_in = nn.Linear(width, ffn, bias=family.mlp_bias, **factory)
         self.fc_gate = nn.Linear(width, ffn, bias=family.mlp_bias, **factory) if family.gated else None
         self.fc_out = nn.Linear(ffn, width, bias=family.mlp_bias, **factory)
-        self.act = ACT2FN[family.act]
+        self.act = ACT2FN[FUSED_ACTIVATIONS.get(family.act, family.act)]
 
     def attend(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
@@ -114,7 +125,10 @@ class LadderSideNetwork(nn.Module):
 
     def forward(self, states: list[torch.Tensor], allowed: torch.Tensor) -> torch.Tensor:
         """`states`: the embedding output then each layer's output, [B, T, d]; returns [B, T, d/r]."""
-        dtype = self.entry.weight.dtype
+        # Cast the backbone states only to the dtype the down-projections compute in: under autocast a
+        # bf16 state is then the very tensor autograd and BK keep for the weight gradient, not an fp32 copy
+        # of it (plus the bf16 copy autocast would make back from that).
+        dtype = matmul_dtype(states[0], self.entry.weight)
         x = self.entry(states[0].to(dtype))
         one = x.new_ones(x.shape[0], 1, 1)  # per example, so the gate's per-example gradient is its own
         for block, down, gate, h in zip(self.blocks, self.downs, self.gates, states[1:]):
