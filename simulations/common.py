@@ -27,7 +27,7 @@ DEFAULT_RESULTS = SIMULATIONS_DIR.parent / "results"
 SCALES = ("paper", "offline")
 TRAIN_KEYS = {"model", "tasks", "paper_columns", "methods", "epsilons", "batch_size", "lr", "max_length", "max_train",
               "max_eval", "max_steps", "epochs", "seed", "physical_batch_size", "device", "method_options",
-              "method_lr", "max_grad_norm", "eval_every"}
+              "method_lr", "max_grad_norm", "eval_every", "zo_params"}
 
 
 def epsilon_key(epsilon: float) -> str:
@@ -218,6 +218,8 @@ def train_settings(config: dict, task: str, method: str, epsilon: float, **overr
                                      "seed", "physical_batch_size", "device", "max_grad_norm") if k in config}
     fields["lr"] = config.get("method_lr", {}).get(method, fields.get("lr", 5e-4))
     fields["method_options"] = dict(config.get("method_options", {}).get(method, {}))
+    if method == "zo" and "zo_params" in config:
+        fields["zo_params"] = config["zo_params"]
     return {"model": config["model"], "task": task, "method": method, "epsilon": epsilon, **fields, **overrides}
 
 
@@ -254,7 +256,8 @@ def training_jobs(config: dict, tasks: list[str] | None = None) -> list[tuple[st
 
 
 def memory_spec(config: dict, method: str, epsilon: float, engine: dict | None = None) -> dict:
-    """MemorySpec fields of the paper's configuration: model, B, T, precision from [memory]; ε = ∞ is the
+    """MemorySpec fields of the paper's configuration: model, B, T, precision and (when the training scale uses
+    other sizes) method options from [memory]; ε = ∞ is the
     non-private loop (engine "nondp"), as in the paper where every engine degrades to plain training."""
     memory = config["memory"]
     engine = dict(engine or {"engine": "bk"})
@@ -263,7 +266,8 @@ def memory_spec(config: dict, method: str, epsilon: float, engine: dict | None =
     spec = {"model": memory["model"], "method": method, "batch_size": memory.get("batch_size", 32),
             "seq_len": memory.get("seq_len", 128), "precision": memory.get("precision", "bf16"),
             "device": memory.get("device", "meta"), "epsilon": 8.0 if math.isfinite(epsilon) else math.inf,
-            "method_options": dict(config.get("method_options", {}).get(method, {})), **engine}
+            "method_options": dict(memory.get("method_options", config.get("method_options", {})).get(method, {})),
+            **engine}
     return spec
 
 

@@ -5,7 +5,7 @@ Every configuration runs the real apps (the ServerApp's round loop, the ClientAp
 in one process through `server.local_grid.InProcessGrid`, so no SuperLink or Ray is needed. The pooled
 baseline is the same code with one site holding every example: same steps per round, batch size, ε and δ.
 
-    python simulations/federated_study.py                 # about 20 CPU-minutes at the defaults
+    python simulations/federated_study.py                 # about 25 CPU-minutes at the defaults
     python simulations/federated_study.py --rounds 2 --local-steps 2 --max-train 600 --max-eval 100   # smoke
 
 Writes <out>/federated_study.json and .png; each configuration's metrics.jsonl and checkpoints are kept in
@@ -52,11 +52,11 @@ def cpu_seconds() -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--local-steps", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=0.002)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "results" / "federated")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--local-steps", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=0.005)
     parser.add_argument("--rank", type=int, default=1, help="LoRA rank (1, as the default run config)")
     parser.add_argument("--epsilon", type=float, default=8.0)
     parser.add_argument("--delta", type=float, default=1e-4,
@@ -81,28 +81,37 @@ def main() -> None:
         }
         started, cpu = time.perf_counter(), cpu_seconds()
         run_rounds(InProcessGrid(client_app, run_config, sites), FederatedConfig.from_run_config(run_config))
+        # Time spent on this configuration, summed over invocations (a resumed one adds only its rounds).
+        timing_file = output / "study-timing.json"
+        timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {"seconds": 0.0, "cpu_seconds": 0.0}
+        timing = {"seconds": timing["seconds"] + time.perf_counter() - started,
+                  "cpu_seconds": timing["cpu_seconds"] + cpu_seconds() - cpu}
+        timing_file.write_text(json.dumps(timing) + "\n")
         metrics = read_metrics(output)
         last = metrics[-1]
         results[name] = {
             "sites": sites, "partitioning": partitioning, "accuracy": [m["accuracy"] for m in metrics],
-            "epsilon_per_site": last.get("epsilon"), "examples_per_site": {
-                str(c["partition-id"]): c.get("examples") for c in last.get("clients", [])},
-            "seconds": time.perf_counter() - started, "cpu_seconds": cpu_seconds() - cpu, "run_config": run_config,
+            "eval_loss": [m["eval"]["loss"] for m in metrics], "epsilon_per_site": last.get("epsilon"),
+            "examples_per_site": {str(c["partition-id"]): c.get("examples") for c in last.get("clients", [])},
+            **timing, "run_config": run_config,
         }
         print(f"{name}: accuracy per round {[round(a, 4) for a in results[name]['accuracy']]}", flush=True)
     summary = {"settings": vars(args) | {"out": str(args.out)}, "results": results}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "federated_study.json").write_text(json.dumps(summary, indent=1) + "\n")
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, result in results.items():
-        ax.plot(range(len(result["accuracy"])), result["accuracy"], marker="o",
-                linestyle="--" if result["sites"] == 1 else "-", label=name)
-    ax.set_xlabel("round (0: starting model)")
-    ax.set_ylabel("central accuracy")
-    ax.set_title(f"LoRA r={args.rank} on {args.model} / {args.task}, ε={args.epsilon:g} per site, δ={args.delta:g}, "
-                 f"Dirichlet α={args.alpha:g}", fontsize=9)
-    ax.legend(fontsize=8)
+        style = {"marker": "o", "linestyle": "--" if result["sites"] == 1 else "-", "label": name}
+        acc_ax.plot(range(len(result["accuracy"])), result["accuracy"], **style)
+        loss_ax.plot(range(len(result["eval_loss"])), result["eval_loss"], **style)
+    for ax, label in ((acc_ax, "central accuracy"), (loss_ax, "central eval loss")):
+        ax.set_xlabel("round (0: starting model)")
+        ax.set_ylabel(label)
+    acc_ax.legend(fontsize=8)
+    fig.suptitle(f"LoRA r={args.rank} on {args.model} / {args.task}, ε={args.epsilon:g} per site, δ={args.delta:g}, "
+                 f"Dirichlet α={args.alpha:g}; {args.rounds} rounds × {args.local_steps} steps, batch "
+                 f"{args.batch_size}", fontsize=9)
     fig.tight_layout()
     fig.savefig(args.out / "federated_study.png", dpi=120)
     print(f"wrote {args.out / 'federated_study.json'} and {args.out / 'federated_study.png'}")
