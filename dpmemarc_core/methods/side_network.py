@@ -78,6 +78,9 @@ class SideBlock(nn.Module):
         self.act = ACT2FN[FUSED_ACTIVATIONS.get(family.act, family.act)]
 
     def attend(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        # One cast shared by q, k and v: under autocast a normed fp32 input would otherwise be cast once
+        # per projection, and autograd and BK would keep each copy and the fp32 tensor besides.
+        x = x.to(matmul_dtype(x, self.q.weight))
         batch, length, _ = x.shape
 
         def split(t: torch.Tensor) -> torch.Tensor:
@@ -87,6 +90,7 @@ class SideBlock(nn.Module):
         return self.o(out.transpose(1, 2).reshape(batch, length, self.heads * self.head_dim))
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(matmul_dtype(x, self.fc_in.weight))
         if self.fc_gate is not None:
             return self.fc_out(self.act(self.fc_gate(x)) * self.fc_in(x))
         return self.fc_out(self.act(self.fc_in(x)))
