@@ -8,8 +8,9 @@ from torch.utils.checkpoint import checkpoint
 
 # Cross-entropy over a vocabulary keeps an fp32 copy and a log-softmax of the logits for backward
 # (2 × B·T·V floats: 1.6 GiB for GPT-2 at B=32, T=128). It runs in position chunks of about this
-# many logits, each recomputed in backward, so only one chunk's intermediates exist at a time.
-CHUNK_LOGITS = 1 << 24
+# many logits, each recomputed in backward, so only one chunk's intermediates exist at a time (three
+# fp32 copies of a chunk at the peak: 48 MiB at 2²² logits; GPT-2 at B=32 then takes 2 positions a chunk).
+CHUNK_LOGITS = 1 << 22
 
 
 def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
