@@ -73,6 +73,7 @@ class MemorySpec:
     engine: str = "bk"
     epsilon: float = 8.0
     clipping_mode: str = "mixed"
+    backward_passes: int | None = None  # BK's; None: the method's choice (model.recommended_backward_passes)
     method_options: dict = field(default_factory=dict)
     attn_implementation: str | None = None  # None: the model's default (sdpa)
     seed: int = 0
@@ -90,6 +91,12 @@ class MemorySpec:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if isinstance(self.epsilon, bool) or not (isinstance(self.epsilon, (int, float)) and self.epsilon > 0):
             raise ValueError(f"epsilon must be > 0 (inf: no noise), got {self.epsilon!r}")
+        if self.backward_passes is not None:
+            if self.backward_passes not in (1, 2) or isinstance(self.backward_passes, bool):
+                raise ValueError(f"backward_passes must be 1, 2 or None (the method's choice), "
+                                 f"got {self.backward_passes!r}")
+            if self.engine != "bk":
+                raise ValueError(f"backward_passes is a setting of engine 'bk', not of {self.engine!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device is 'cuda' but no CUDA GPU is available; use device 'meta' to simulate")
 
@@ -147,7 +154,8 @@ def step_memory(spec: MemorySpec) -> dict:
         "model": spec.model, "method": spec.method, "engine": spec.engine, "batch_size": spec.batch_size,
         "seq_len": spec.seq_len, "precision": spec.precision, "device": device.type,
         "simulated": device.type == "meta", "epsilon": spec.epsilon if math.isfinite(spec.epsilon) else "inf",
-        "clipping_mode": spec.clipping_mode, "method_options": spec.method_options, "task_kind": kind,
+        "clipping_mode": spec.clipping_mode, "backward_passes": getattr(model, "recommended_backward_passes", 1),
+        "method_options": spec.method_options, "task_kind": kind,
         "peak_bytes": peak, "peak_gib": peak / GIB, "tracked_peak_bytes": report.peak_bytes,
         "peak_phase": report.phase, "peak_by_phase": report.peak_by_phase, "breakdown": breakdown,
         "trainable_parameters": sum(p.numel() for p in trainable),
@@ -178,6 +186,8 @@ def _stepper(model: torch.nn.Module, spec: MemorySpec, batch: dict[str, torch.Te
         opacus_step = OpacusStep(model, sigma, MAX_GRAD_NORM, spec.batch_size, LR)
         return [opacus_dir()], lambda: opacus_step(on_device), opacus_step.inner_optimizer
 
+    if spec.backward_passes is not None:
+        model.recommended_backward_passes = spec.backward_passes  # what PrivateTrainer hands to BKEngine
     epsilon = math.inf if spec.engine == "nondp" else spec.epsilon
     privacy = PrivacySettings(target_epsilon=epsilon, delta=1e-5, max_grad_norm=MAX_GRAD_NORM,
                               clipping_mode=spec.clipping_mode)

@@ -56,6 +56,20 @@ def test_breakdown_of_persistent_state_matches_parameter_counts(tiny_gpt2):
     assert result["peak_bytes"] > frozen + 3 * trainable  # activations on top of the persistent state
 
 
+def test_two_backward_passes_keep_no_per_layer_buffers(tiny_gpt2):
+    # Ghost clipping in one pass keeps every layer's a and g until the norms are known; two passes reduce
+    # each layer to per-example squared norms at once (and the recommendation of the method is overridable).
+    one = step_memory(spec(tiny_gpt2, method="lora", engine="bk", device="meta", clipping_mode="ghost"))
+    two = step_memory(spec(tiny_gpt2, method="lora", engine="bk", device="meta", clipping_mode="ghost",
+                           backward_passes=2))
+    assert (one["backward_passes"], two["backward_passes"]) == (1, 2)
+    assert two["breakdown"]["engine_buffers_bytes"] < one["breakdown"]["engine_buffers_bytes"]
+    with pytest.raises(ValueError, match="backward_passes"):
+        MemorySpec(model=tiny_gpt2, method="lora", backward_passes=3)
+    with pytest.raises(ValueError, match="backward_passes"):
+        MemorySpec(model=tiny_gpt2, method="lora", engine="opacus", backward_passes=2)
+
+
 def test_bf16_keeps_frozen_weights_low_and_trainable_fp32(tiny_gpt2):
     fp32 = step_memory(spec(tiny_gpt2, method="lora", engine="bk", device="meta"))
     bf16 = step_memory(spec(tiny_gpt2, method="lora", engine="bk", device="meta", precision="bf16"))
