@@ -25,9 +25,10 @@ from dpmemarc_core.methods import METHODS, apply  # noqa: E402
 from dpmemarc_core.models import build_from_config, published_config  # noqa: E402
 
 MODELS = {"gpt2-large": "generation", "roberta-large": "classification"}
-# Each method at its defaults; LoRA at the rank the federated run config uses (method-options); the
-# side and reversible networks at sizes that bring them under the goal.
-VARIANTS = [(method, {}) for method in METHODS] + [("lora", {"r": 8}), ("side", {"reduction": 16}), ("rev", {"r": 8})]
+# Each method at its paper defaults; LoRA and rev at rank 8 and at the rank 1 of the default federated run
+# config and the quick preset; side at the quick preset's reduction 16.
+VARIANTS = [(method, {}) for method in METHODS] + [
+    ("lora", {"r": 8}), ("lora", {"r": 1}), ("side", {"reduction": 16}), ("rev", {"r": 8}), ("rev", {"r": 1})]
 GOAL = 0.02
 
 
