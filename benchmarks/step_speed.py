@@ -199,13 +199,9 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def run_variant(args: argparse.Namespace) -> dict:
-    """Build, warm up, time; memory is this process's own (RSS on CPU, allocator peak on CUDA)."""
-    device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    step = make_step(args.one, device, args.batch_size, args.fastdp_src)
-    ids = torch.randint(0, 50257, (args.batch_size, args.seq_len), generator=torch.Generator().manual_seed(1)).to(device)
+def measure(step: Callable[[], None], device: torch.device, warmup: int, steps: int) -> dict:
+    """Warm up, then time `steps` calls of `step`; memory is this process's own (RSS on CPU, allocator peak
+    on CUDA), the step's share being the peak over what was live before the first call."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         sync()
@@ -213,13 +209,13 @@ def run_variant(args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats()
     else:
         setup_mib = current_rss_mib()
-    for _ in range(args.warmup):
-        step(ids)
+    for _ in range(warmup):
+        step()
     times, cpu_times = [], []
-    for _ in range(args.steps):
+    for _ in range(steps):
         sync()
         start, cpu_start = time.perf_counter(), time.process_time()
-        step(ids)
+        step()
         sync()
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
@@ -230,16 +226,33 @@ def run_variant(args: argparse.Namespace) -> dict:
             "step_peak_over_setup_mib": peak - setup_mib, "threads": torch.get_num_threads()}
 
 
+def random_ids(batch_size: int, seq_len: int, vocab_size: int, device: torch.device) -> torch.Tensor:
+    """The one fixed batch every timed step sees."""
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator).to(device)
+
+
+def run_variant(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    step = make_step(args.one, device, args.batch_size, args.fastdp_src)
+    ids = random_ids(args.batch_size, args.seq_len, 50257, device)
+    return measure(lambda: step(ids), device, args.warmup, args.steps)
+
+
 # ---- the driver: one subprocess per variant -----------------------------------------------------------
 
-def run_in_subprocess(variant: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--one", variant, "--device", args.device, "--batch-size", str(args.batch_size),
-           "--seq-len", str(args.seq_len), "--warmup", str(args.warmup), "--steps", str(args.steps),
-           "--threads", str(args.threads)]
-    if args.fastdp_src:
-        cmd += ["--fastdp-src", args.fastdp_src]
+def timing_flags(args: argparse.Namespace) -> list[str]:
+    """The command-line flags that hand the shared timing settings on to a subprocess."""
+    return ["--device", args.device, "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+            "--warmup", str(args.warmup), "--steps", str(args.steps), "--threads", str(args.threads)]
+
+
+def run_in_subprocess(command: list[str]) -> dict:
+    """Run `command` (a Python process printing one RESULT_TAG line); its result, or why it failed."""
     started = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(command, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_TAG):
             return {"status": "ok", **json.loads(line[len(RESULT_TAG):])}
@@ -249,19 +262,34 @@ def run_in_subprocess(variant: str, args: argparse.Namespace) -> dict:
             "wall_s": time.perf_counter() - started}
 
 
-def machine_facts(args: argparse.Namespace) -> dict:
+def run_rounds(names: list[str], describe: Callable[[str], str], command_for: Callable[[str], list[str]],
+               repeats: int) -> dict[str, list[dict]]:
+    """Each name's runs, one subprocess per name and round."""
+    rounds: dict[str, list[dict]] = {name: [] for name in names}
+    for r in range(repeats):
+        # Alternate the order, so slow drift in the machine's load does not always favour the same variants.
+        for name in names if r % 2 == 0 else names[::-1]:
+            print(f"round {r + 1}/{repeats}: {name} ({describe(name)}) ...", flush=True)
+            run = run_in_subprocess(command_for(name))
+            rounds[name].append(run)
+            print(f"  {run['status']}: " + (f"median {run['median_s']:.2f}s wall, {run['median_cpu_s']:.2f}s CPU"
+                                            if run["status"] == "ok" else run["error"]), flush=True)
+    return rounds
+
+
+def machine_facts(device: str, fastdp_src: str | None = None) -> dict:
     import opacus
     import peft
     import transformers
 
-    facts = {"device": args.device, "platform": platform.platform(), "python": platform.python_version(),
+    facts = {"device": device, "platform": platform.platform(), "python": platform.python_version(),
              "cpu_count": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
              "peft": peft.__version__, "opacus": opacus.__version__, "load_avg_at_start": os.getloadavg()}
-    if args.device == "cuda":
+    if device == "cuda":
         facts["gpu"] = torch.cuda.get_device_name()
-    if args.fastdp_src:
-        commit = subprocess.run(["git", "-C", args.fastdp_src, "rev-parse", "HEAD"], capture_output=True, text=True)
-        stamp = Path(args.fastdp_src, "COMMIT")
+    if fastdp_src:
+        commit = subprocess.run(["git", "-C", fastdp_src, "rev-parse", "HEAD"], capture_output=True, text=True)
+        stamp = Path(fastdp_src, "COMMIT")
         facts["fastdp_commit"] = (commit.stdout.strip() or (stamp.read_text().strip() if stamp.exists() else None))
     return facts
 
@@ -279,10 +307,10 @@ def combine(runs: list[dict]) -> dict:
     return row
 
 
-def with_ratios(results: dict[str, dict]) -> dict[str, dict]:
-    """Ratios to the matching non-DP step: wall time, process CPU time and step memory (peak over setup)."""
+def with_ratios(results: dict[str, dict], baseline_of: Callable[[str], str]) -> dict[str, dict]:
+    """Ratios to each row's baseline row: wall time, process CPU time and step memory (peak over setup)."""
     for variant, row in results.items():
-        base = results.get(VARIANTS[variant][0])
+        base = results.get(baseline_of(variant))
         if row["status"] == "ok" and base and base["status"] == "ok":
             row["time_ratio"] = row["median_s"] / base["median_s"]
             row["cpu_time_ratio"] = row["median_cpu_s"] / base["median_cpu_s"]
@@ -290,9 +318,9 @@ def with_ratios(results: dict[str, dict]) -> dict[str, dict]:
     return results
 
 
-def print_table(results: dict[str, dict], threads: int) -> None:
+def print_table(results: dict[str, dict], threads: int, baseline: str = "the matching non-DP step") -> None:
     print(f"\n{'variant':<20} {'wall s':>8} {'×':>6} {'CPU s':>8} {'×':>6} {'peak MiB':>9} {'Δ MiB':>7} {'×':>6}"
-          f"  (threads={threads}; × = ratio to the matching non-DP step; Δ = step peak over setup)")
+          f"  (threads={threads}; × = ratio to {baseline}; Δ = step peak over setup)")
     for variant, row in results.items():
         if row["status"] != "ok":
             print(f"{variant:<20} failed: {row['error'][:150]}")
@@ -302,8 +330,8 @@ def print_table(results: dict[str, dict], threads: int) -> None:
               f"{row['peak_mib']:>9.0f} {row['step_peak_over_setup_mib']:>7.0f} {ratios[2]:>6}")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_timing_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by the step-timing scripts."""
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
@@ -312,12 +340,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch CPU threads per subprocess (default: torch's default for this machine)")
     parser.add_argument("--repeats", type=int, default=1, help="rounds over all variants, in alternating order")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    parser.add_argument("--fastdp-src", default=os.environ.get("FASTDP_SRC"),
-                        help="directory holding fastDP's source tree (the one containing fastDP/)")
-    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/step_speed_<device>.json)")
-    parser.add_argument("--one", choices=list(VARIANTS), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<script>_<device>.json)")
+
+
+def check_timing_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for name in ("batch_size", "seq_len", "steps", "threads", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
@@ -325,6 +351,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--warmup must be ≥ 0, got {args.warmup}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda given but no CUDA GPU is available")
+
+
+def write_results(out: Path, args: argparse.Namespace, **fields) -> None:
+    """JSON with the command, the timing settings, the machine and `fields` (which end with the results)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    settings = {k: getattr(args, k) for k in ("batch_size", "seq_len", "warmup", "steps", "threads", "repeats")}
+    machine = machine_facts(args.device, getattr(args, "fastdp_src", None))
+    results = fields.pop("results")
+    payload = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "settings": settings, **fields,
+               "machine": machine, "load_avg_at_end": os.getloadavg(), "results": results}
+    out.write_text(json.dumps(payload, indent=1) + "\n")
+    print(f"\nwrote {out}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_timing_arguments(parser)
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--fastdp-src", default=os.environ.get("FASTDP_SRC"),
+                        help="directory holding fastDP's source tree (the one containing fastDP/)")
+    parser.add_argument("--one", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    check_timing_arguments(parser, args)
     return args
 
 
@@ -334,27 +383,16 @@ def main(argv: list[str] | None = None) -> None:
         print(RESULT_TAG + json.dumps(run_variant(args)), flush=True)
         return
     variants = list(dict.fromkeys([VARIANTS[v][0] for v in args.variants] + args.variants))
-    rounds: dict[str, list[dict]] = {v: [] for v in variants}
-    for r in range(args.repeats):
-        # Alternate the order, so slow drift in the machine's load does not always favour the same variants.
-        for variant in variants if r % 2 == 0 else variants[::-1]:
-            print(f"round {r + 1}/{args.repeats}: {variant} ({VARIANTS[variant][1]}) ...", flush=True)
-            run = run_in_subprocess(variant, args)
-            rounds[variant].append(run)
-            print(f"  {run['status']}: " + (f"median {run['median_s']:.2f}s wall, {run['median_cpu_s']:.2f}s CPU"
-                                            if run["status"] == "ok" else run["error"]), flush=True)
+    fastdp = ["--fastdp-src", args.fastdp_src] if args.fastdp_src else []
+    rounds = run_rounds(variants, lambda v: VARIANTS[v][1],
+                        lambda v: [sys.executable, __file__, "--one", v, *timing_flags(args), *fastdp], args.repeats)
     results = {v: {"description": VARIANTS[v][1], **combine(runs)} for v, runs in rounds.items()}
-    with_ratios(results)
+    with_ratios(results, lambda v: VARIANTS[v][0])
     print_table(results, args.threads)
     out = Path(args.out or Path(__file__).parent / "results" / f"step_speed_{args.device}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: getattr(args, k) for k in ("batch_size", "seq_len", "warmup", "steps", "threads", "repeats")}
-    payload = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "settings": settings,
-               "model": "GPT2Config() defaults (12 layers, 768 hidden, vocab 50257), random weights",
-               "dp": {"noise_multiplier": NOISE_MULTIPLIER, "max_grad_norm": MAX_GRAD_NORM, "clip_fn": "abadi"},
-               "machine": machine_facts(args), "load_avg_at_end": os.getloadavg(), "results": results}
-    out.write_text(json.dumps(payload, indent=1) + "\n")
-    print(f"\nwrote {out}")
+    write_results(out, args, model="GPT2Config() defaults (12 layers, 768 hidden, vocab 50257), random weights",
+                  dp={"noise_multiplier": NOISE_MULTIPLIER, "max_grad_norm": MAX_GRAD_NORM, "clip_fn": "abadi"},
+                  results=results)
 
 
 if __name__ == "__main__":
