@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 # Cross-entropy over a vocabulary keeps an fp32 copy and a log-softmax of the logits for backward
 # (2 × B·T·V floats: 1.6 GiB for GPT-2 at B=32, T=128). It runs in position chunks of about this
@@ -28,16 +27,41 @@ def _summed_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return nll.sum(1)  # ignored positions contribute exactly 0
 
 
+class _ChunkedSummedNLL(torch.autograd.Function):
+    """Σ_t nll of each example, computed and differentiated a chunk of positions at a time.
+
+    Saves only the logits. Backward recomputes each chunk's cross-entropy and writes its gradient into
+    one logits-sized tensor, so at most the logits, their gradient and one chunk's intermediates are
+    live. (Checkpointed chunks of a split would hold every chunk's gradient and their concatenation at
+    once, and under a retained graph, as in two-pass BK clipping, the logits besides.)
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        ctx.save_for_backward(logits, targets)
+        ctx.chunk = chunk
+        return sum(_summed_nll(logits[:, s:s + chunk], targets[:, s:s + chunk])
+                   for s in range(0, logits.shape[1], chunk))
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        logits, targets = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for s in range(0, logits.shape[1], ctx.chunk):
+            with torch.enable_grad():
+                piece = logits[:, s:s + ctx.chunk].detach().requires_grad_()
+                part = _summed_nll(piece, targets[:, s:s + ctx.chunk])
+            grad[:, s:s + ctx.chunk] = torch.autograd.grad(part, piece, grad_total)[0]
+        return grad, None, None
+
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over each example's labelled tokens (labels -100 are ignored), [B]."""
-    # Position t predicts label t + 1; the last position predicts nothing (-100). Splitting the whole
-    # logits tensor (no [:, :-1] slice) lets autograd join the chunks' gradients once, into one tensor.
+    # Position t predicts label t + 1; the last position predicts nothing (-100), so the whole logits
+    # tensor is used (no [:, :-1] slice, whose gradient would be a second logits-sized tensor).
     targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
     chunk = max(1, CHUNK_LOGITS // max(1, logits.shape[0] * logits.shape[-1]))
-    total = None
-    for logit_chunk, target_chunk in zip(logits.split(chunk, dim=1), targets.split(chunk, dim=1)):
-        part = checkpoint(_summed_nll, logit_chunk, target_chunk, use_reentrant=False, preserve_rng_state=False)
-        total = part if total is None else total + part
+    total = _ChunkedSummedNLL.apply(logits, targets, chunk)
     counted = (targets != -100).sum(1).clamp(min=1)
     return total / counted.to(total.dtype)
 

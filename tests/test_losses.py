@@ -34,3 +34,24 @@ def test_bf16_logits_are_upcast_and_classification_is_per_example():
     loss = losses.per_example_loss(logits, torch.tensor([0, 1, 2, 0]))
     assert loss.shape == (4,) and loss.dtype == torch.float32
     torch.testing.assert_close(loss, F.cross_entropy(logits.float(), torch.tensor([0, 1, 2, 0]), reduction="none"))
+
+
+def test_chunked_loss_backward_holds_one_logits_gradient(monkeypatch):
+    # Under a retained graph (two-pass BK clipping) the logits stay alive during backward; beside them
+    # only one logits-sized gradient and one chunk's intermediates may exist, never every chunk's
+    # gradient plus their concatenation.
+    from dpmemarc_core.memory_tracker import StorageTracker
+
+    batch, length, vocab = 4, 16, 1000
+    monkeypatch.setattr(losses, "CHUNK_LOGITS", batch * vocab)  # one position per chunk
+    hidden = torch.randn(batch, length, 8, requires_grad=True)
+    head = torch.randn(vocab, 8)
+    labels = torch.randint(0, vocab, (batch, length))
+    logits_bytes = batch * length * vocab * 4
+    tracker = StorageTracker("cpu")
+    with tracker:
+        loss = losses.causal_lm_loss(hidden @ head.t(), labels)
+        loss.sum().backward(retain_graph=True)
+    report = tracker.report()
+    assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
+    assert logits_bytes * 2 <= report.peak_bytes - report.baseline_bytes < logits_bytes * 2.5
