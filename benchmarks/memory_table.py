@@ -56,6 +56,41 @@ CALIBRATION_PRECISION = "amp-bf16"  # every weight fp32, autocast bf16: the plai
 # What the memory-lean methods are meant to reach (GiB).
 GOALS_GIB = {"gpt2-large": {"dp-rev": 4.0, "dp-side": 4.0}, "roberta-large": {"dp-rev": 1.5, "dp-side": 2.0}}
 RESULT_TAG = "MEMORY_CELL "
+# Read off the per-tensor breakdown at the peak (shapes, dtypes, allocating line); kept with the script
+# that prints the figures they explain.
+FINDINGS = (
+    "**BiTFiT needs about as much as LoRA, and that is not BiTFiT's doing.** Bias gradients need no layer "
+    "inputs (BK keeps none for bias-only layers), but reaching the first block's biases means back-propagating "
+    "through every block, so everything the non-linearities save stays. On GPT-2 10 of BiTFiT's 14 GiB of "
+    "activations are its activation `gelu_new`: Hugging Face writes it out of elementwise ops, and under "
+    "autocast its `pow` runs in fp32, so autograd keeps three fp32 copies of every block's 5120-wide MLP "
+    "state (8.4 GiB) plus a bf16 one. The same function as one kernel (`gelu_pytorch_tanh`, equal to 1e-12 "
+    "in float64) keeps one bf16 copy: simulated with it, GPT-2-large DP BiTFiT drops from 16.46 to 8.02 GiB "
+    "(paper: 9.71 GB), and full, LoRA and adapter rows fall by the same ~8.4 GiB. The swap belongs where the "
+    "backbone is loaded (`models.py`), which is not this table's code; the side network already uses it.",
+    "**Side network** (GPT-2-large 6.37 → 3.86 GiB, RoBERTa-large 2.02 → 1.51 GiB, the first figures re-simulated on the current loss before the change): the states feeding the "
+    "down-projections were cast to fp32 before the projection (an fp32 copy kept by BK, and autocast's bf16 "
+    "copy kept by autograd); they are now kept in the dtype the projection computes in (RoBERTa's post-norm "
+    "layers hand on fp32 states: their bf16 casts are kept instead); the side blocks use the fused GELU; a "
+    "block's normed input is cast once for q/k/v and once for the MLP instead of once per projection. "
+    "What remains on GPT-2: frozen weights 1.44, the 37 bf16 backbone states the down-projections need "
+    "(0.36), the bf16 logits and their gradient (0.77 of the 0.80 GiB of logits), the side network's own "
+    "activations. Running the LM head inside the loss chunks would remove the last 0.77 GiB but needs the "
+    "trainer to hand the loss the final hidden state and the head instead of logits (`train.py`); it is "
+    "what would make the goal safe on a GPU, since 3.86 simulated reads as about 4.1-4.5 GiB measured.",
+    "**Causal-LM loss**: the chunked cross-entropy is one autograd function that writes each chunk's gradient "
+    "into one logits-sized tensor (a split into checkpointed chunks held every chunk's gradient and their "
+    "concatenation at once, and with two-pass BK's retained graph the logits besides): GPT-2-large rev "
+    "3.51 → 3.39 GiB. Chunks are 2²² logits (2 positions of GPT-2 at B=32).",
+    "**Reversible RoBERTa-large (2.68 GiB, goal 1.5)**: the stored streams are fp32 (post-norm blocks end in "
+    "a LayerNorm, which autocast runs in fp32): 24 blocks × 2 × B·T·1024 × 4 B = 0.75 GiB, not 0.38. And "
+    "the inversion backward runs all blocks inside one autocast region: autocast caches its bf16 cast of "
+    "every fp32 leaf that requires grad, which the recovered streams are, so one bf16 copy per stream and "
+    "block (0.39 GiB), and through those copies' graphs the recovered fp32 streams (0.38 GiB), live until "
+    "the backward ends. Simulated with one autocast region per block in the backward: 1.94 GiB; with the "
+    "streams also kept in the autocast dtype (each coupling's outputs cast as a bf16 backbone would hold "
+    "them): 1.53 GiB. Both changes are in `rev_coupling.py` (not this table's code).",
+)
 
 
 def method_available(method: str) -> str | None:
@@ -103,13 +138,24 @@ def gib(nbytes: int) -> str:
     return f"{nbytes / GIB:.2f}"
 
 
-def markdown(table: dict, calibration: dict, args: argparse.Namespace, command: str) -> str:
+def previous_peaks() -> dict[str, dict[str, int]]:
+    """Peak bytes per model and row from the results file this run will replace (empty when none)."""
+    if not RESULTS.exists():
+        return {}
+    cells = json.loads(RESULTS.read_text()).get("cells", {})
+    return {model: {row: cell["peak_bytes"] for row, cell in rows.items() if "peak_bytes" in cell}
+            for model, rows in cells.items()}
+
+
+def markdown(table: dict, calibration: dict, args: argparse.Namespace, command: str,
+             previous: dict[str, dict[str, int]]) -> str:
     device = next((c["device"] for cells in table.values() for c in cells.values() if "device" in c), "meta")
     lines = ["## Memory", "",
              f"Peak memory of one DP training step, B={args.batch_size}, T={args.seq_len}, {args.precision} "
              "(frozen weights in that dtype, trainable weights fp32, autocast forward), exact published configs with "
              "random weights, the second of two steps (Adam's moments live). Columns after the peak: bytes live at the "
-             "peak by role (they sum to it); \"loss+backward\" includes BK clipping and noise.", "",
+             "peak by role (they sum to it); \"loss+backward\" includes BK clipping and noise. \"Previous run\": "
+             "the peak in the results file this run replaced.", "",
              "```", command, "```", ""]
     if device == "meta":
         lines += ["Ours: simulated on the meta device (`dpmemarc memory`); **simulated figures read 5-15 % low** "
@@ -118,16 +164,18 @@ def markdown(table: dict, calibration: dict, args: argparse.Namespace, command: 
     for model, cells in table.items():
         lines += [f"### {model}", "",
                   "| row | trainable params | ours: peak GiB | frozen weights | trainable + grads + Adam | "
-                  "activations | logits (B·T·V) | DP engine buffers | peak during | paper (GB) | "
-                  "H100 measured (GiB) |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+                  "activations | logits (B·T·V) | DP engine buffers | peak during | previous run (GiB) | "
+                  "paper (GB) | H100 measured (GiB) |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
         for row, cell in cells.items():
             label = ROWS[row][0]
             paper = PAPER_GB.get(model, {}).get(row)
             h100 = H100_GIB.get(model, {}).get(row)
+            before = previous.get(model, {}).get(row)
             ref = f"{paper:.2f}" if paper else "-", f"{h100:.2f}" if h100 else "-"
+            shown_before = gib(before) if before else "-"
             if "error" in cell:
-                lines.append(f"| {label} | | {cell['error']} | | | | | | | {ref[0]} | {ref[1]} |")
+                lines.append(f"| {label} | | {cell['error']} | | | | | | | {shown_before} | {ref[0]} | {ref[1]} |")
                 continue
             b = cell["breakdown"]
             persistent = b["trainable_params_bytes"] + b["grads_bytes"] + b["optimizer_state_bytes"]
@@ -135,12 +183,13 @@ def markdown(table: dict, calibration: dict, args: argparse.Namespace, command: 
                          f"{gib(b['weights_bytes'])} | {gib(persistent)} | "
                          f"{gib(b['activations_bytes'] + b['optimizer_temporaries_bytes'])} | "
                          f"{gib(b['logits_bytes'])} | {gib(b['engine_buffers_bytes'])} | {cell['peak_phase']} | "
-                         f"{ref[0]} | {ref[1]} |")
+                         f"{shown_before} | {ref[0]} | {ref[1]} |")
         lines.append("")
         goals = [f"{ROWS[row][0]} ≤ {limit} GiB: " + _against_goal(cells.get(row, {}), limit)
                  for row, limit in GOALS_GIB.get(model, {}).items() if row in cells]
         if goals:
             lines += ["Goals: " + "; ".join(goals) + ".", ""]
+    lines += ["### What the figures say", ""] + [f"- {finding}" for finding in FINDINGS] + [""]
     if any(calibration.values()):
         lines += ["### Against the H100 measurements", "",
                   f"The same rows simulated with frozen weights in {args.precision} (as above) and in fp32 with "
@@ -218,7 +267,7 @@ def main() -> None:
                 shown = cell.get("error") or f"{cell['peak_bytes'] / GIB:.2f} GiB"
                 print(f"{model:14s} {ROWS[row][0]:28s} {shown} ({CALIBRATION_PRECISION})", flush=True)
     command = "python benchmarks/memory_table.py " + " ".join(sys.argv[1:])
-    section = markdown(table, calibration, args, command.strip())
+    section = markdown(table, calibration, args, command.strip(), previous_peaks())
     print()
     print(section)
     if not args.no_write:
