@@ -22,6 +22,13 @@ DP engine buffers (what the engine's code allocated, or kept alive until it rele
 
 Engines: "bk" (our PrivateTrainer step: BK clipping, noise, Adam), "nondp" (the same loop without
 clipping or noise) and "opacus" (GradSampleModule hooks + DPOptimizer, as an Opacus user would).
+
+Method "zo" is DPZero (`zo.ZOTrainer`): two perturbed forwards without autograd, clipped per-example
+scalars, noise ("bk": the private step; "nondp": MeZO, no clipping or noise), an in-place SGD update
+along z. It perturbs the trainable part of `zo_params` (full, lora, bitfit), and under bf16/fp16 those
+weights stay in that dtype: with no optimizer there is no fp32 master copy to keep (MeZO's and
+DPZero's half-precision recipe perturbs the loaded model in place). `inference_memory` is the forward
+it is compared with.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ import dpmemarc_core.privacy as privacy_package
 from dpmemarc_core.memory_tracker import ROLES, StorageTracker
 from dpmemarc_core.models import build_from_config, published_config
 from dpmemarc_core.privacy import PrivacySettings
-from dpmemarc_core.train import PrivateTrainer, StepStats
+from dpmemarc_core.train import ZO_PARAM_METHODS, PrivateTrainer, StepStats
 
 ENGINES = ("bk", "opacus", "nondp")
 DEVICES = ("meta", "cuda", "cpu")
@@ -77,6 +84,7 @@ class MemorySpec:
     method_options: dict = field(default_factory=dict)
     attn_implementation: str | None = None  # None: the model's default (sdpa)
     seed: int = 0
+    zo_params: str = "full"  # method "zo" perturbs the trainable part of this method: full, lora or bitfit
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "seq_len"):
@@ -97,6 +105,16 @@ class MemorySpec:
                                  f"got {self.backward_passes!r}")
             if self.engine != "bk":
                 raise ValueError(f"backward_passes is a setting of engine 'bk', not of {self.engine!r}")
+        if self.method == "zo":
+            if self.zo_params not in ZO_PARAM_METHODS:
+                raise ValueError(f"zo_params must be one of {', '.join(ZO_PARAM_METHODS)}, got {self.zo_params!r}")
+            if self.engine == "opacus":
+                raise ValueError("engine 'opacus' cannot run method 'zo': DPZero has no backward pass for Opacus's "
+                                 "hooks; use engine 'bk' (DPZero's clipped, noised step) or 'nondp' (MeZO)")
+            if self.backward_passes is not None:
+                raise ValueError("backward_passes must be None for method 'zo': it runs no backward pass")
+        elif self.zo_params != "full":
+            raise ValueError(f"zo_params is a setting of method 'zo', not of {self.method!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device is 'cuda' but no CUDA GPU is available; use device 'meta' to simulate")
 
@@ -113,20 +131,15 @@ def step_memory(spec: MemorySpec) -> dict:
     """Peak bytes of a training step of `spec`, with the breakdown by role (bytes live at the peak)."""
     from dpmemarc_core.methods import apply
 
-    config = published_config(spec.model)
-    if spec.attn_implementation is not None:
-        config._attn_implementation = spec.attn_implementation
-    kind = task_kind_of(config)
-    device = torch.device(spec.resolved_device)
-    weight_dtype, autocast_dtype = PRECISIONS[spec.precision]
-    torch.manual_seed(spec.seed)
-    model = build_from_config(config, kind, num_labels=2, device=device, dtype=weight_dtype)
+    config, kind, device, model = _backbone(spec)
+    _, autocast_dtype = PRECISIONS[spec.precision]
+    zo = spec.method == "zo"
     with device:
-        model = apply(model, spec.method, **spec.method_options)
+        model = apply(model, spec.zo_params if zo else spec.method, **spec.method_options)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError(f"method {spec.method!r} left no trainable parameter in {spec.model}")
-    for p in trainable:  # mixed precision keeps fp32 master copies of what is trained
+    for p in trainable if not zo else ():  # mixed precision keeps fp32 master copies of what an optimizer trains
         if p.dtype != torch.float32:
             p.data = p.data.float()
     batch = _random_batch(config, kind, spec)
@@ -154,14 +167,57 @@ def step_memory(spec: MemorySpec) -> dict:
         "model": spec.model, "method": spec.method, "engine": spec.engine, "batch_size": spec.batch_size,
         "seq_len": spec.seq_len, "precision": spec.precision, "device": device.type,
         "simulated": device.type == "meta", "epsilon": spec.epsilon if math.isfinite(spec.epsilon) else "inf",
-        "clipping_mode": spec.clipping_mode, "backward_passes": getattr(model, "recommended_backward_passes", 1),
-        "method_options": spec.method_options, "task_kind": kind,
+        "clipping_mode": spec.clipping_mode,
+        "backward_passes": 0 if zo else getattr(model, "recommended_backward_passes", 1),
+        "method_options": spec.method_options, "task_kind": kind, **({"zo_params": spec.zo_params} if zo else {}),
         "peak_bytes": peak, "peak_gib": peak / GIB, "tracked_peak_bytes": report.peak_bytes,
         "peak_phase": report.phase, "peak_by_phase": report.peak_by_phase, "breakdown": breakdown,
         "trainable_parameters": sum(p.numel() for p in trainable),
         "total_parameters": sum(p.numel() for p in model.parameters()),
         "note": SIMULATION_NOTE if device.type == "meta" else None,
     }
+
+
+def inference_memory(spec: MemorySpec) -> dict:
+    """Peak bytes of one forward of `spec`'s backbone without autograd (no method applied; the batch, the
+    precision and the device of `spec`): what serving the model takes, the floor a training step is held to."""
+    config, kind, device, model = _backbone(spec)
+    _, autocast_dtype = PRECISIONS[spec.precision]
+    model.eval()
+    inputs = {k: v.to(device) for k, v in _random_batch(config, kind, spec).items() if k != "labels"}
+    tracker = StorageTracker(device.type, vocab_size=config.vocab_size if kind == "generation" else None)
+    tracker.register(list(model.parameters()) + list(model.buffers()), "weights")
+    tracker.phase = "forward"
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad(), tracker, _kernels(device, model, autocast_dtype):
+        model(**inputs)
+    report = tracker.report()
+    peak = report.peak_bytes
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    return {
+        "model": spec.model, "method": "inference", "batch_size": spec.batch_size, "seq_len": spec.seq_len,
+        "precision": spec.precision, "device": device.type, "simulated": device.type == "meta", "task_kind": kind,
+        "peak_bytes": peak, "peak_gib": peak / GIB, "tracked_peak_bytes": report.peak_bytes,
+        "peak_phase": report.phase, "breakdown": {f"{role}_bytes": report.by_role[role] for role in ROLES},
+        "trainable_parameters": 0, "total_parameters": sum(p.numel() for p in model.parameters()),
+        "note": SIMULATION_NOTE if device.type == "meta" else None,
+    }
+
+
+def _backbone(spec: MemorySpec) -> tuple[PretrainedConfig, str, torch.device, torch.nn.Module]:
+    """The config, task kind, device and randomly initialised backbone of `spec` (weights in the precision's dtype)."""
+    config = published_config(spec.model)
+    if spec.attn_implementation is not None:
+        config._attn_implementation = spec.attn_implementation
+    kind = task_kind_of(config)
+    device = torch.device(spec.resolved_device)
+    torch.manual_seed(spec.seed)
+    model = build_from_config(config, kind, num_labels=2, device=device, dtype=PRECISIONS[spec.precision][0])
+    return config, kind, device, model
 
 
 def _random_batch(config: PretrainedConfig, kind: str, spec: MemorySpec) -> dict[str, torch.Tensor]:
@@ -173,7 +229,8 @@ def _random_batch(config: PretrainedConfig, kind: str, spec: MemorySpec) -> dict
 
 
 def _stepper(model: torch.nn.Module, spec: MemorySpec, batch: dict[str, torch.Tensor]):
-    """(engine source dirs, a no-argument step, the torch optimizer whose step hooks tell the phase)."""
+    """(engine source dirs or files, a no-argument step, the torch optimizer whose step hooks tell the phase;
+    None for zo, which has none)."""
     if spec.engine == "opacus":
         from dpmemarc_core.memory_opacus import OpacusStep, opacus_dir
 
@@ -185,6 +242,22 @@ def _stepper(model: torch.nn.Module, spec: MemorySpec, batch: dict[str, torch.Te
         sigma = NOISE_MULTIPLIER if math.isfinite(spec.epsilon) else 0.0
         opacus_step = OpacusStep(model, sigma, MAX_GRAD_NORM, spec.batch_size, LR)
         return [opacus_dir()], lambda: opacus_step(on_device), opacus_step.inner_optimizer
+
+    if spec.method == "zo":
+        import dpmemarc_core.zo as zo_module
+        import dpmemarc_core.zo_directions as directions_module
+
+        sigma = NOISE_MULTIPLIER if spec.engine != "nondp" and math.isfinite(spec.epsilon) else 0.0
+        privacy = PrivacySettings(target_epsilon=spec.epsilon if spec.engine != "nondp" else math.inf, delta=1e-5,
+                                  max_grad_norm=MAX_GRAD_NORM)
+        examples = [{k: v[i] for k, v in batch.items()} for i in range(spec.batch_size)]
+        trainer = zo_module.ZOTrainer(model, examples, _stack, privacy, sample_rate=1.0, noise_multiplier=sigma,
+                                      seed=spec.seed, device=next(model.parameters()).device)
+        indices = list(range(spec.batch_size))
+        stats = StepStats()
+        # Only z's code is the engine: zo.py releases the logits of each forward, which the tracker's rule
+        # "released last by the engine" would misname as engine buffers.
+        return [directions_module.__file__], lambda: trainer.step(indices, stats), None
 
     if spec.backward_passes is not None:
         model.recommended_backward_passes = spec.backward_passes  # what PrivateTrainer hands to BKEngine
@@ -204,9 +277,16 @@ def _stack(examples: list[dict]) -> dict[str, torch.Tensor]:
     return {k: torch.stack([e[k] for e in examples]) for k in examples[0]}
 
 
-def _watch_phases(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tracker: StorageTracker,
+def _watch_phases(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, tracker: StorageTracker,
                   trainable: list[torch.Tensor]) -> None:
-    """Name the phase for the peak report, and the gradients and optimizer state once they exist."""
+    """Name the phase for the peak report, and the gradients and optimizer state once they exist.
+
+    Without an optimizer (zo) there are two phases: a forward, and what runs between forwards (the
+    per-example loss, the perturbation of θ, clipping, noise and the update)."""
+    model.register_forward_pre_hook(lambda *_: setattr(tracker, "phase", "forward"))
+    if optimizer is None:
+        model.register_forward_hook(lambda *_: setattr(tracker, "phase", "loss+perturb/update"))
+        return
 
     def before_step(*_):
         tracker.mark([p.grad for p in trainable if p.grad is not None], "grads")
@@ -217,7 +297,6 @@ def _watch_phases(model: torch.nn.Module, optimizer: torch.optim.Optimizer, trac
                       if isinstance(t, torch.Tensor)], "optimizer_state")
         tracker.phase = "before forward"
 
-    model.register_forward_pre_hook(lambda *_: setattr(tracker, "phase", "forward"))
     model.register_forward_hook(lambda *_: setattr(tracker, "phase", "loss+backward"))
     optimizer.register_step_pre_hook(before_step)
     optimizer.register_step_post_hook(after_step)

@@ -67,8 +67,8 @@ class PeakReport:
 class StorageTracker(TorchDispatchMode):
     """Counts live storage bytes of `device_type` tensors between `__enter__` and `__exit__`.
 
-    `engine_dirs`: source directories of the DP engine; what their code allocates (per-example
-    gradients, norms, clipped sums, noise) or releases last (inputs and output gradients kept for
+    `engine_dirs`: source directories (or single source files) of the DP engine; what their code
+    allocates (per-example gradients, norms, clipped sums, noise) or releases last (inputs and output gradients kept for
     clipping) is an engine buffer. `vocab_size`: model/autograd tensors with a dimension this size
     are reported as `logits`, so a B·T·V tensor that dominates the peak shows up by name.
     `phase` is set by the caller's hooks (forward / backward / optimizer) and recorded at the peak.
@@ -77,7 +77,9 @@ class StorageTracker(TorchDispatchMode):
     def __init__(self, device_type: str, engine_dirs: Iterable[str] = (), vocab_size: int | None = None) -> None:
         super().__init__()
         self.device_type = device_type
-        self.engine_dirs = tuple(os.path.abspath(d) + os.sep for d in engine_dirs)
+        # A file matches itself; a directory everything under it.
+        self.engine_dirs = tuple(path if os.path.isfile(path) else path + os.sep
+                                 for path in map(os.path.abspath, engine_dirs))
         self.vocab_size = vocab_size
         self.phase = "before forward"
         self._records: list[_Record] = []

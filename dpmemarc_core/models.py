@@ -27,6 +27,10 @@ OFFLINE_ALIASES: dict[str, Callable[[], Path]] = {
     "minilm": offline.minilm_path,
     "smollm2-135m": offline.smollm2_path,
 }
+# The same function as one fused kernel (equal to ~1e-12 in float64). Hugging Face writes GPT-2's gelu_new
+# out of elementwise ops, and under autocast its pow runs in fp32: autograd keeps three fp32 copies of
+# every block's MLP state where the fused kernel keeps one in the compute dtype.
+FUSED_ACTIVATIONS = {"gelu_new": "gelu_pytorch_tanh"}
 PUBLISHED_CONFIGS = tuple(
     sorted(entry.name.removesuffix(".json") for entry in resources.files("dpmemarc_core.configs").iterdir()
            if entry.name.endswith(".json"))
@@ -44,17 +48,18 @@ def load_backbone(
     ``name_or_path``: an offline alias (``minilm``, ``smollm2-135m``), a local directory, or a hub name.
     ``task_kind``: ``classification`` (a new sequence-classification head with ``num_labels`` outputs) or
     ``generation`` (causal LM). ``dtype`` defaults to float32, the precision DP training on CPU needs; pass
-    ``torch.bfloat16`` to keep large frozen backbones small on a GPU.
+    ``torch.bfloat16`` to keep large frozen backbones small on a GPU. GPT-2's ``gelu_new`` runs as its fused
+    kernel (``with_fused_activation``).
     """
     model_class = _model_class(task_kind)
     if task_kind == "classification" and num_labels < 2:
         raise ValueError(f"num_labels must be >= 2 for classification, got {num_labels}")
     source = resolve(name_or_path)
-    kwargs = {"dtype": dtype or torch.float32}
+    config = with_fused_activation(_from_pretrained(AutoConfig, source))
     if task_kind == "classification":
-        kwargs["num_labels"] = num_labels
+        config.num_labels = num_labels
     tokenizer = _from_pretrained(AutoTokenizer, source)
-    model = _from_pretrained(model_class, source, **kwargs)
+    model = _from_pretrained(model_class, source, config=config, dtype=dtype or torch.float32)
     set_pad_token(model, tokenizer)
     return model, tokenizer
 
@@ -76,6 +81,14 @@ def set_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) ->
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def with_fused_activation(config: PretrainedConfig) -> PretrainedConfig:
+    """`config` with its GPT-2-style ``activation_function`` swapped for the fused kernel of the same function."""
+    activation = getattr(config, "activation_function", None)
+    if activation in FUSED_ACTIVATIONS:
+        config.activation_function = FUSED_ACTIVATIONS[activation]
+    return config
 
 
 def published_config(name_or_path: str) -> PretrainedConfig:
@@ -102,9 +115,10 @@ def build_from_config(
 ) -> PreTrainedModel:
     """A randomly initialised model of ``config``. On ``device="meta"`` no memory is allocated: the model has
     exact shapes for parameter counting and memory simulation. Configs without a pad token pad with EOS, as
-    ``set_pad_token`` does for pretrained ones (pair GPT-2 shapes with ``offline.gpt2_tokenizer()``)."""
+    ``set_pad_token`` does for pretrained ones (pair GPT-2 shapes with ``offline.gpt2_tokenizer()``). GPT-2's
+    ``gelu_new`` runs as its fused kernel (``with_fused_activation``)."""
     model_class = _model_class(task_kind)
-    config = copy.deepcopy(config)
+    config = with_fused_activation(copy.deepcopy(config))
     if task_kind == "classification":
         config.num_labels = num_labels
     if config.pad_token_id is None and isinstance(config.eos_token_id, int):

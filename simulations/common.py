@@ -268,6 +268,8 @@ def memory_spec(config: dict, method: str, epsilon: float, engine: dict | None =
             "device": memory.get("device", "meta"), "epsilon": 8.0 if math.isfinite(epsilon) else math.inf,
             "method_options": dict(memory.get("method_options", config.get("method_options", {})).get(method, {})),
             **engine}
+    if method == "zo":  # what DPZero perturbs, always named so the cell and its command say it
+        spec["zo_params"] = memory.get("zo_params", config.get("zo_params", "full"))
     return spec
 
 
@@ -278,6 +280,10 @@ def memory_command(spec: dict) -> str:
              "--precision", spec["precision"], "--device", spec["device"], "--epsilon", epsilon_key(spec["epsilon"])]
     if "clipping_mode" in spec:
         parts += ["--clipping-mode", spec["clipping_mode"]]
+    if spec.get("backward_passes") is not None:
+        parts += ["--backward-passes", str(spec["backward_passes"])]
+    if "zo_params" in spec:
+        parts += ["--zo-params", spec["zo_params"]]
     for key, value in spec.get("method_options", {}).items():
         parts += ["--method-option", f"{key}={json.dumps(value)}"]
     return shlex.join(parts) + " --json"
