@@ -184,8 +184,11 @@ def run_cells(store: CellStore, jobs: Iterable[tuple[str, dict, Callable[[], dic
     (a method a tool cannot run) does not stop the table; it is retried on the next run.
     """
     jobs = list(jobs)
-    cells = {cell_id: store.load(cell_id) for cell_id, fields, _ in jobs if not selected(fields)}
-    cells = {cell_id: cell for cell_id, cell in cells.items() if cell is not None}
+    cells = {}
+    for cell_id, fields, _ in jobs:  # cells not run now: shown only if made with the current settings
+        stored = None if selected(fields) else store.load(cell_id)
+        if stored is not None and stored.get("fingerprint") == fingerprint(fields):
+            cells[cell_id] = stored
     jobs = [job for job in jobs if selected(job[1])]
     for number, (cell_id, fields, work) in enumerate(jobs, 1):
         stored = store.load(cell_id)
@@ -377,7 +380,10 @@ def write_outputs(directory: Path, name: str, cells: dict, markdown: str) -> Non
 def scale_note(config: dict) -> str:
     if config["scale"] == "paper":
         return f"Scale: paper ({config['model']}; tasks {', '.join(config['tasks'])})."
+    steps = config.get("max_steps") or f"{config.get('epochs', 1)} epoch(s)"
     return (f"Scale: {'quick (smoke run)' if config['quick'] else 'offline'}: {config['model']} on "
             f"{', '.join(config['tasks'])}; max_train={config.get('max_train')}, max_eval={config.get('max_eval')}, "
-            f"steps={config.get('max_steps', 'one epoch')}, B={config.get('batch_size', 32)}. These are stand-ins for "
+            f"steps={steps}, B={config.get('batch_size', 32)}, "
+            f"lr={config.get('lr', 5e-4)} (per method: {config.get('method_lr', {})}), "
+            f"method options {config.get('method_options', {})}. These are stand-ins for "
             "the paper's models and data, so the paper's numbers in brackets are a reference, not a target.")

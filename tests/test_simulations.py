@@ -118,6 +118,14 @@ def test_cells_are_written_atomically_and_failures_retried(tmp_path):
     assert calls == ["good", "bad", "bad"]  # the done cell is skipped, the failed one retried
 
 
+def test_cells_not_run_now_are_shown_only_if_made_with_the_current_settings(tmp_path):
+    store = CellStore(tmp_path / "cells")
+    run_cells(store, [("a", {"lr": 1}, lambda: {"value": 1}), ("b", {"lr": 1}, lambda: {"value": 2})])
+    changed = [("a", {"lr": 2}, lambda: {"value": 3}), ("b", {"lr": 1}, lambda: {"value": 4})]
+    cells = run_cells(store, changed, selected=lambda fields: False)
+    assert list(cells) == ["b"] and cells["b"]["value"] == 2  # a's stored cell is from other settings: hidden
+
+
 def test_table2_offline_writes_cells_markdown_with_paper_numbers_and_resumes(tmp_path, tiny_bert, monkeypatch, capsys):
     config = write_config(tmp_path / "t.toml", tiny_bert, tiny_bert, methods=("lora", "bitfit", "nosuchmethod"))
     argv = ["--scale", "offline", "--config", config, "--results", str(tmp_path / "results")]
