@@ -27,6 +27,7 @@ from step_speed import (
     add_timing_arguments,
     check_timing_arguments,
     combine,
+    machine_facts,
     measure,
     print_table,
     random_ids,
@@ -130,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.one:
         print(RESULT_TAG + json.dumps(run_row(args)), flush=True)
         return
+    machine = machine_facts(args.device)
     rows = list(dict.fromkeys([BASELINE, *args.rows]))
     rounds = run_rounds(rows, lambda r: ROWS[r][3],
                         lambda r: [sys.executable, __file__, "--one", r, "--model", args.model, *timing_flags(args)],
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     with_ratios(results, lambda r: BASELINE)
     print_table(results, args.threads, baseline=BASELINE)
     out = Path(args.out or Path(__file__).parent / "results" / f"method_speed_{args.device}.json")
-    write_results(out, args, model=f"{args.model} config, random weights",
+    write_results(out, args, machine, model=f"{args.model} config, random weights",
                   dp={"noise_multiplier": NOISE_MULTIPLIER, "max_grad_norm": MAX_GRAD_NORM, "clip_fn": "abadi",
                       "clipping_mode": "mixed"}, results=results)
     out.with_suffix(".md").write_text(markdown(results, args))

@@ -353,11 +353,11 @@ def check_timing_arguments(parser: argparse.ArgumentParser, args: argparse.Names
         parser.error("--device cuda given but no CUDA GPU is available")
 
 
-def write_results(out: Path, args: argparse.Namespace, **fields) -> None:
-    """JSON with the command, the timing settings, the machine and `fields` (which end with the results)."""
+def write_results(out: Path, args: argparse.Namespace, machine: dict, **fields) -> None:
+    """JSON with the command, the timing settings, `machine` (facts taken before the runs) and `fields`
+    (which end with the results)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: getattr(args, k) for k in ("batch_size", "seq_len", "warmup", "steps", "threads", "repeats")}
-    machine = machine_facts(args.device, getattr(args, "fastdp_src", None))
     results = fields.pop("results")
     payload = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "settings": settings, **fields,
                "machine": machine, "load_avg_at_end": os.getloadavg(), "results": results}
@@ -382,6 +382,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.one:
         print(RESULT_TAG + json.dumps(run_variant(args)), flush=True)
         return
+    machine = machine_facts(args.device, args.fastdp_src)
     variants = list(dict.fromkeys([VARIANTS[v][0] for v in args.variants] + args.variants))
     fastdp = ["--fastdp-src", args.fastdp_src] if args.fastdp_src else []
     rounds = run_rounds(variants, lambda v: VARIANTS[v][1],
@@ -390,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
     with_ratios(results, lambda v: VARIANTS[v][0])
     print_table(results, args.threads)
     out = Path(args.out or Path(__file__).parent / "results" / f"step_speed_{args.device}.json")
-    write_results(out, args, model="GPT2Config() defaults (12 layers, 768 hidden, vocab 50257), random weights",
+    write_results(out, args, machine, model="GPT2Config() defaults (12 layers, 768 hidden, vocab 50257), random weights",
                   dp={"noise_multiplier": NOISE_MULTIPLIER, "max_grad_norm": MAX_GRAD_NORM, "clip_fn": "abadi"},
                   results=results)
 
