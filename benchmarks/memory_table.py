@@ -39,6 +39,8 @@ ROWS: dict[str, tuple[str, str, str]] = {
     "dp-bitfit": ("DP BiTFiT (ours, BK)", "bitfit", "bk"),
     "dp-side": ("DP side network (ours, BK)", "side", "bk"),
     "dp-rev": ("DP reversible (ours, BK)", "rev", "bk"),
+    "dp-zo": ("DPZero, full (ours, forward only)", "zo", "bk"),
+    "inference": ("inference forward (reference)", "inference", "-"),
 }
 MODELS = ("roberta-large", "gpt2-large")
 # The paper's Tables 2/3 (GB, fp16, ε=8).
@@ -59,15 +61,18 @@ RESULT_TAG = "MEMORY_CELL "
 # Read off the per-tensor breakdown at the peak (shapes, dtypes, allocating line); kept with the script
 # that prints the figures they explain.
 FINDINGS = (
-    "**BiTFiT needs about as much as LoRA, and that is not BiTFiT's doing.** Bias gradients need no layer "
-    "inputs (BK keeps none for bias-only layers), but reaching the first block's biases means back-propagating "
-    "through every block, so everything the non-linearities save stays. On GPT-2 10 of BiTFiT's 14 GiB of "
-    "activations are its activation `gelu_new`: Hugging Face writes it out of elementwise ops, and under "
-    "autocast its `pow` runs in fp32, so autograd keeps three fp32 copies of every block's 5120-wide MLP "
-    "state (8.4 GiB) plus a bf16 one. The same function as one kernel (`gelu_pytorch_tanh`, equal to 1e-12 "
-    "in float64) keeps one bf16 copy: simulated with it, GPT-2-large DP BiTFiT drops from 16.46 to 8.02 GiB "
-    "(paper: 9.71 GB), and full, LoRA and adapter rows fall by the same ~8.4 GiB. The swap belongs where the "
-    "backbone is loaded (`models.py`), which is not this table's code; the side network already uses it.",
+    "**GPT-2 runs `gelu_new` as its fused kernel** (`gelu_pytorch_tanh`, the same function, equal to ~1e-12 in "
+    "float64; `models.py` swaps it wherever a GPT-2 backbone is built or loaded). Hugging Face writes `gelu_new` "
+    "out of elementwise ops, and under autocast its `pow` runs in fp32, so autograd kept three fp32 copies of every "
+    "block's 5120-wide MLP state plus a bf16 one (8.4 GiB on GPT-2-large). With the fused kernel: DP full "
+    "31.36 → 20.11, LoRA 17.55 → 9.11, BiTFiT 16.34 → 7.91 (paper: 9.71 GB), rev 3.39 → 3.22 GiB. BiTFiT still "
+    "needs about as much as LoRA: bias gradients need no layer inputs, but reaching the first block's biases means "
+    "back-propagating through every block, so everything the non-linearities save stays.",
+    "**DPZero** (`--method zo`, perturbing the full model): two forwards without autograd, so its peak is an "
+    "inference forward's to the byte on both models (RoBERTa-large 0.78, GPT-2-large 2.56 GiB): no gradient, no "
+    "optimizer state, the bf16 weights perturbed in place (no fp32 master copy: there is no optimizer), one "
+    "parameter-sized z at a time, and the chunked loss's fp32 temporaries stay under the forward's peak. "
+    "`--zo-params lora`: 0.82 / 2.62 GiB (LoRA's factors and their activations).",
     "**Side network** (GPT-2-large 6.37 → 3.86 GiB, RoBERTa-large 2.02 → 1.51 GiB, the first figures re-simulated on the current loss before the change): the states feeding the "
     "down-projections were cast to fp32 before the projection (an fp32 copy kept by BK, and autocast's bf16 "
     "copy kept by autograd); they are now kept in the dtype the projection computes in (RoBERTa's post-norm "
@@ -97,6 +102,8 @@ def method_available(method: str) -> str | None:
     """None when the method's module imports; else why not."""
     from dpmemarc_core.methods.registry import METHODS
 
+    if method not in METHODS:  # zo and the inference reference need no method module
+        return None
     module = METHODS[method].split(":")[0]
     try:
         importlib.import_module(module)
@@ -127,10 +134,14 @@ def run_cell(model: str, row: str, precision: str, args: argparse.Namespace) -> 
 
 
 def one(model: str, method: str, engine: str, args: argparse.Namespace) -> None:
-    from dpmemarc_core.memory import MemorySpec, step_memory
+    from dpmemarc_core.memory import MemorySpec, inference_memory, step_memory
 
-    result = step_memory(MemorySpec(model=model, method=method, engine=engine, batch_size=args.batch_size,
-                                    seq_len=args.seq_len, precision=args.precision, device=args.device))
+    if method == "inference":  # the bare forward without autograd; the spec's method is not applied
+        result = inference_memory(MemorySpec(model=model, method="full", batch_size=args.batch_size,
+                                             seq_len=args.seq_len, precision=args.precision, device=args.device))
+    else:
+        result = step_memory(MemorySpec(model=model, method=method, engine=engine, batch_size=args.batch_size,
+                                        seq_len=args.seq_len, precision=args.precision, device=args.device))
     print(RESULT_TAG + json.dumps(result), flush=True)
 
 
