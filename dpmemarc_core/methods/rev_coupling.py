@@ -164,14 +164,17 @@ class _ReversibleStackFunction(torch.autograd.Function):
         wanted = set() if anchors else {id(p) for p in ctx.params}
         grads: dict[int, torch.Tensor] = {}
         blocks = list(stack.blocks)
-        with _autocast(ctx.autocast):
-            for index in reversed(range(len(blocks))):
-                block = blocks[index]
-                own = [p for p in block.parameters() if id(p) in wanted]
-                rng = tuple(ctx.rng[2 * index:2 * index + 2]) if ctx.rng is not None else None
+        for index in reversed(range(len(blocks))):
+            block = blocks[index]
+            own = [p for p in block.parameters() if id(p) in wanted]
+            rng = tuple(ctx.rng[2 * index:2 * index + 2]) if ctx.rng is not None else None
+            # One autocast region per block: autocast caches its low-precision cast of every tensor that
+            # requires grad (the recovered streams are) until the region ends, which over the whole stack
+            # kept a copy of every block's streams alive to the end of the backward.
+            with _autocast(ctx.autocast):
                 y1, y2, dy1, dy2, *own_grads = stack.backward_step(block, y1, y2, dy1, dy2, call, own, anchors, rng)
-                grads.update({id(p): gr for p, gr in zip(own, own_grads)})
-                y1, y2 = exact.get(index, (y1, y2))  # a segment boundary: restart from the stored streams
+            grads.update({id(p): gr for p, gr in zip(own, own_grads)})
+            y1, y2 = exact.get(index, (y1, y2))  # a segment boundary: restart from the stored streams
         d_hidden = dy1 + dy2 if ctx.needs_input_grad[3] else None
         n_anchors = len(ctx.needs_input_grad) - 4 - len(ctx.params)
         return (None, None, None, d_hidden, *(grads.get(id(p)) for p in ctx.params), *([None] * n_anchors))
