@@ -87,14 +87,15 @@ FINDINGS = (
     "into one logits-sized tensor (a split into checkpointed chunks held every chunk's gradient and their "
     "concatenation at once, and with two-pass BK's retained graph the logits besides): GPT-2-large rev "
     "3.51 → 3.39 GiB. Chunks are 2²² logits (2 positions of GPT-2 at B=32).",
-    "**Reversible RoBERTa-large (2.68 GiB, goal 1.5)**: the stored streams are fp32 (post-norm blocks end in "
+    "**Reversible RoBERTa-large (2.68 → 1.94 GiB, goal 1.5)**: the stored streams are fp32 (post-norm blocks end in "
     "a LayerNorm, which autocast runs in fp32): 24 blocks × 2 × B·T·1024 × 4 B = 0.75 GiB, not 0.38. And "
     "the inversion backward runs all blocks inside one autocast region: autocast caches its bf16 cast of "
     "every fp32 leaf that requires grad, which the recovered streams are, so one bf16 copy per stream and "
     "block (0.39 GiB), and through those copies' graphs the recovered fp32 streams (0.38 GiB), live until "
-    "the backward ends. Simulated with one autocast region per block in the backward: 1.94 GiB; with the "
-    "streams also kept in the autocast dtype (each coupling's outputs cast as a bf16 backbone would hold "
-    "them): 1.53 GiB. Both changes are in `rev_coupling.py` (not this table's code).",
+    "the backward ends. `rev_coupling.py` now enters one autocast region per block in the backward: 1.94 GiB. "
+    "Keeping the streams in the autocast dtype too (each coupling's outputs cast as a bf16 backbone would hold "
+    "them) simulated at 1.53 GiB; not done: it changes the forward's rounding, and the float32 inversion is "
+    "already the fragile part of rev.",
 )
 
 
