@@ -1,14 +1,15 @@
 """Named starting points for a single-site run (`dpmemarc train --preset NAME`).
 
-`paper` is the paper's setting (B=32, T=128, DP-Adam lr 5e-4, LoRA/adapter r=64, one epoch here): what the
-library's TrainConfig defaults are. It needs a GPU and far more steps than a CPU allows; on MiniLM with 2000
-examples it learns nothing in one epoch at ε=8.
+`paper` is the paper's setting (B=32, T=128, DP-Adam lr 5e-4, LoRA/adapter r=64, one epoch): the library's
+TrainConfig defaults. It is meant for a GPU and the paper's 50k examples; on the offline MiniLM + movie
+snippets at ε=8 it barely moves in the steps a CPU allows (10 steps: 55.5 → 56.0 %).
 
 `quick` (the CLI's default) is what was measured to learn on a 2-core CPU in a few minutes, at ε=8 on the
-offline MiniLM + movie snippets (see BENCHMARKS.md, "Quickstart"): a larger expected batch (more signal per
-unit of noise), three epochs of 2000 examples, short sequences, a higher learning rate and rank-1 LoRA. Rank
-matters more than anything else under DP here: at r=64 the noise spread over ~0.3M LoRA coordinates drowned
-the signal (51 % after 47 steps), at r=1 the same run reached 60–65 %; rev (r=1) 65 %, side (reduction 16, lr 2e-3) 60 %.
+offline MiniLM + movie snippets (BENCHMARKS.md, "Quickstart recipe"): a larger expected batch, three epochs
+of 2000 examples (47 steps), short sequences, a higher learning rate and the smallest trainable part of each
+method. Size matters most under DP here: noise of one scale lands on every trainable coordinate, so LoRA at
+r=64 stayed at 51 % after 47 steps where r=1 reached 60-65 %; rev (r=1) 58-65 %, side (reduction 16, lr
+2e-3) 59-60 %, adapter (bottleneck 1) 66 %, BiTFiT 56 %, full (lr 1e-4) 57 %.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ _QUICK_METHODS: dict[str, tuple[float, dict]] = {
     "adapter": (5e-3, {"bottleneck": 1}),
     "bitfit": (5e-3, {}),
     "side": (2e-3, {"reduction": 16}),
+    "full": (1e-4, {}),
 }
 
 
