@@ -16,6 +16,7 @@ from transformers.modeling_outputs import CausalLMOutput, SequenceClassifierOutp
 
 from dpmemarc_core.losses import per_example_loss
 from dpmemarc_core.methods.side_families import Family, read_family
+from dpmemarc_core.methods.side_generate import greedy_generate
 from dpmemarc_core.methods.side_init import init_from_backbone, plan_pruning
 from dpmemarc_core.methods.side_network import LadderSideNetwork, allowed_keys, matmul_dtype
 
@@ -90,6 +91,16 @@ class SideTunedModel(nn.Module):
             output_type = CausalLMOutput
         loss = per_example_loss(logits, labels).mean() if labels is not None else None
         return output_type(loss=loss, logits=logits)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 max_new_tokens: int = 20, do_sample: bool = False, pad_token_id: int | None = None,
+                 eos_token_id: int | list[int] | None = None) -> torch.Tensor:
+        """Greedy decoding (see `side_generate`); generation models only, no sampling."""
+        if self.family.task != "generation":
+            raise ValueError("side: generate needs a causal-LM backbone (GPT2LMHeadModel, LlamaForCausalLM)")
+        if do_sample:
+            raise ValueError("side: generate supports greedy decoding only (do_sample=False)")
+        return greedy_generate(self, input_ids, attention_mask, max_new_tokens, pad_token_id, eos_token_id)
 
 
 def apply_side(model: nn.Module, reduction: int = 8, **options) -> SideTunedModel:
