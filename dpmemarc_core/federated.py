@@ -53,10 +53,10 @@ class FederatedConfig:
     zo_params: str = "lora"
     target_epsilon: float = 8.0
     delta: float = 0.0
-    local_steps: int = 10
-    batch_size: int = 32
+    local_steps: int = 16
+    batch_size: int = 64
     physical_batch_size: int = 0
-    lr: float = 0.002
+    lr: float = 0.005
     max_grad_norm: float = 1.0
     clipping_mode: str = "mixed"
     clip_fn: str = "abadi"
