@@ -14,7 +14,8 @@ from dpmemarc_core.losses import per_example_loss
 from dpmemarc_core.methods.side import apply_side, pool
 from dpmemarc_core.methods.side_families import read_family
 from dpmemarc_core.methods.side_init import plan_pruning
-from dpmemarc_core.methods.side_network import FUSED_ACTIVATIONS, allowed_keys
+from dpmemarc_core.methods.side_network import allowed_keys
+from dpmemarc_core.models import FUSED_ACTIVATIONS
 
 VOCAB, HIDDEN, FFN, LABELS, REDUCTION = 61, 32, 96, 3, 4
 PAD = 1

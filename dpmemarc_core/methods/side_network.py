@@ -13,11 +13,9 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from dpmemarc_core.methods.side_families import Family
+from dpmemarc_core.models import FUSED_ACTIVATIONS
 
 GATE_TEMPERATURE = 0.1  # LST's T: with α₀ = 0 the gate starts at 0.5 and moves quickly once trained
-# The same function as one fused kernel. GPT-2's "gelu_new" is written out of elementwise ops, and under
-# autocast its pow runs in fp32, so autograd keeps three fp32 copies of the MLP's hidden state per block.
-FUSED_ACTIVATIONS = {"gelu_new": "gelu_pytorch_tanh"}
 
 
 def make_norm(family: Family, width: int, **factory) -> nn.Module:
