@@ -1,9 +1,10 @@
 """DP-MemArc's reversible network (`rev`, MemDPT_rev): pretrained blocks made reversible after MEFT.
 
 Each block is one coupling of two streams (see `rev_coupling`): F is the block's attention sub-layer
-with LoRA on its query/value projections, G its MLP sub-layer with a Houlsby adapter after the output
-projection, the arrangement of MEFT's third variant (F = attention, G = MLP, λ = β = 0.1, streams not
-swapped). Backward inverts the blocks instead of keeping their activations.
+with LoRA on its query/value projections (or another trainable part: `f_module`, see `rev_f_modules`),
+G its MLP sub-layer with a Houlsby adapter after the output projection, the arrangement of MEFT's
+third variant (F = attention, G = MLP, λ = β = 0.1, streams not swapped). Backward inverts the blocks
+instead of keeping their activations.
 
 Memory and time, under BK clipping (`BKEngine`):
 - backward_passes=2 (recommended, `model.recommended_backward_passes`): the first pass reduces each
@@ -22,13 +23,13 @@ from __future__ import annotations
 import math
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from dpmemarc_core.methods.adapter import AdaptedOutput, BottleneckAdapter
-from dpmemarc_core.methods.placement import block_regex, freeze_all_but_head, placement_of
+from dpmemarc_core.methods.placement import freeze_all_but_head, placement_of
 from dpmemarc_core.methods.rev_coupling import ReversibleStack, Sublayer
+from dpmemarc_core.methods.rev_f_modules import LORA_MODULES, ParallelPrefix, check_f_module, install_f_module
 
 
 def _gpt2_attention(block: nn.Module, x: torch.Tensor, call: dict) -> torch.Tensor:
@@ -84,14 +85,18 @@ def _check_size(name: str, value: object) -> int:
 
 
 def apply_rev(model: nn.Module, r: int = 64, *, lora_alpha: float | None = None, adapter_size: int | None = None,
-              x1_factor: float = 0.1, x2_factor: float = 0.1, segment_size: int | None = 1) -> nn.Module:
-    """Make `model` (modified in place and returned) a reversible network; only LoRA, adapters and a
-    classification head are trainable.
+              x1_factor: float = 0.1, x2_factor: float = 0.1, segment_size: int | None = 1,
+              f_module: str = "lora") -> nn.Module:
+    """Make `model` (modified in place and returned) a reversible network; only F's module (LoRA by
+    default), G's adapters and a classification head are trainable.
 
     Supported: GPT2LMHeadModel, BertForSequenceClassification, RobertaForSequenceClassification,
     LlamaForCausalLM (any model of those four model types with their block layout). Options: LoRA rank
     `r` and `lora_alpha` (default r, scale 1); `adapter_size`, the adapter bottleneck (default r);
-    `x1_factor` λ and `x2_factor` β in (0, 1], MEFT's 0.1 each; `segment_size` (default 1).
+    `x1_factor` λ and `x2_factor` β in (0, 1], MEFT's 0.1 each; `segment_size` (default 1);
+    `f_module`, F's trainable part: "lora" (default), "parallel_adapter", "prefix" or "dylora", each
+    sized by `r` (designs and departures from the original methods in `rev_f_modules`); `lora_alpha`
+    only with "lora" and "dylora".
 
     `segment_size=k` stores both streams at every k-th block and restarts the inversion there:
     2·⌈L/k⌉ hidden-state tensors (B·T·d each) instead of 2. `segment_size=None` is one reversible
@@ -99,8 +104,8 @@ def apply_rev(model: nn.Module, r: int = 64, *, lora_alpha: float | None = None,
     (below), which is why the default is k=1: exact gradients in any precision, memory linear in depth
     but only two hidden states per block (a plain backward keeps ~10-20 tensors per block).
 
-    Start point: with LoRA B and the adapters' up-projections at zero, the model differs from the
-    pretrained one only by the coupling's O(λ + β) terms. Relative change of the last hidden state at
+    Start point: with LoRA B (or the zero-initialised half of F's other modules) and the adapters'
+    up-projections at zero, the model differs from the pretrained one only by the coupling's O(λ + β) terms. Relative change of the last hidden state at
     λ = β = 0.1 (0.01): all-MiniLM-L6-v2 0.27 (0.025), SmolLM2-135M 0.14 (0.015); with MEFT's F and G
     keeping their full residual: 0.31, 1.24; averaging the streams instead: 0.58, 0.32.
     Round-off: inversion multiplies it by at least 1/(λβ) per block. In float32 at λ = β = 0.1,
@@ -114,6 +119,10 @@ def apply_rev(model: nn.Module, r: int = 64, *, lora_alpha: float | None = None,
     states per block are not reported. Use `BKEngine(model, backward_passes=model.recommended_backward_passes)`.
     """
     r = _check_size("r", r)
+    f_module = check_f_module(f_module)
+    if lora_alpha is not None and f_module not in LORA_MODULES:
+        raise ValueError(f"rev: lora_alpha applies to f_module {' or '.join(map(repr, LORA_MODULES))} only, "
+                         f"not {f_module!r}")
     adapter_size = _check_size("adapter_size", r if adapter_size is None else adapter_size)
     alpha = r if lora_alpha is None else lora_alpha
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
@@ -132,9 +141,8 @@ def apply_rev(model: nn.Module, r: int = 64, *, lora_alpha: float | None = None,
     list_path, attention, mlp, activation = FAMILIES[model_type]
     blocks = model.base_model.get_submodule(list_path)
 
-    inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, bias="none",
-                                       target_modules=block_regex(placement, placement.attention),
-                                       fan_in_fan_out=model_type == "gpt2"), model)
+    attention = install_f_module(model, blocks, f_module, attention, placement=placement, r=r, lora_alpha=alpha,
+                                 activation=activation)
     hidden = model.config.hidden_size
     for block in blocks:
         projection = block.get_submodule(placement.mlp_output)
@@ -146,7 +154,7 @@ def apply_rev(model: nn.Module, r: int = 64, *, lora_alpha: float | None = None,
         if isinstance(module, LoraLayer):
             module.lora_A.requires_grad_(True)
             module.lora_B.requires_grad_(True)
-        elif isinstance(module, BottleneckAdapter):
+        elif isinstance(module, (BottleneckAdapter, ParallelPrefix)):  # G's adapters, F's parallel module
             module.requires_grad_(True)
 
     parent_path, _, name = list_path.rpartition(".")
