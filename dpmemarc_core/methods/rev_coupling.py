@@ -180,13 +180,23 @@ class _ReversibleStackFunction(torch.autograd.Function):
         return (None, None, None, d_hidden, *(grads.get(id(p)) for p in ctx.params), *([None] * n_anchors))
 
 
+# transformers 5.24 renamed the blocks' KV-cache argument from `past_key_values` to `cache`; a call dict is
+# bound from the installed version's block signature, so it holds exactly one of the two.
+CACHE_ARGUMENTS = ("cache", "past_key_values")
+
+
+def cache_argument(call: dict) -> dict:
+    """The KV-cache keyword argument of `call` under the installed transformers' name, for a sub-layer call."""
+    return {name: call[name] for name in CACHE_ARGUMENTS if name in call}
+
+
 def _without_cache(call: dict) -> dict:
     # The backward recomputes every attention call; a KV cache would grow again on each of them.
-    cache = call.get("past_key_values")
+    (name, cache), = cache_argument(call).items()
     if cache is not None and cache.get_seq_length() > 0:
         raise ValueError("rev: training through the reversible stack with a non-empty KV cache (past_key_values) "
                          "is not supported")
-    call = {**call, "past_key_values": None}
+    call = {**call, name: None}
     if "use_cache" in call:
         call["use_cache"] = False
     return call

@@ -28,12 +28,12 @@ from torch import nn
 
 from dpmemarc_core.methods.adapter import AdaptedOutput, BottleneckAdapter
 from dpmemarc_core.methods.placement import freeze_all_but_head, placement_of
-from dpmemarc_core.methods.rev_coupling import ReversibleStack, Sublayer
+from dpmemarc_core.methods.rev_coupling import ReversibleStack, Sublayer, cache_argument
 from dpmemarc_core.methods.rev_f_modules import LORA_MODULES, ParallelPrefix, check_f_module, install_f_module
 
 
 def _gpt2_attention(block: nn.Module, x: torch.Tensor, call: dict) -> torch.Tensor:
-    out, _ = block.attn(block.ln_1(x), past_key_values=call["past_key_values"], attention_mask=call["attention_mask"],
+    out, _ = block.attn(block.ln_1(x), attention_mask=call["attention_mask"], **cache_argument(call),
                         use_cache=call["use_cache"], **call["kwargs"])
     return x + out
 
@@ -44,7 +44,7 @@ def _gpt2_mlp(block: nn.Module, y: torch.Tensor, call: dict) -> torch.Tensor:
 
 def _llama_attention(block: nn.Module, x: torch.Tensor, call: dict) -> torch.Tensor:
     out, _ = block.self_attn(hidden_states=block.input_layernorm(x), attention_mask=call["attention_mask"],
-                             position_ids=call["position_ids"], past_key_values=call["past_key_values"],
+                             position_ids=call["position_ids"], **cache_argument(call),
                              use_cache=call["use_cache"], position_embeddings=call["position_embeddings"],
                              **call["kwargs"])
     return x + out
@@ -56,7 +56,7 @@ def _llama_mlp(block: nn.Module, y: torch.Tensor, call: dict) -> torch.Tensor:
 
 def _bert_attention(block: nn.Module, x: torch.Tensor, call: dict) -> torch.Tensor:
     # BERT's attention output already holds the residual and the post-norm: LN(x + Attn(x)).
-    return block.attention(x, call["attention_mask"], past_key_values=call["past_key_values"], **call["kwargs"])[0]
+    return block.attention(x, call["attention_mask"], **cache_argument(call), **call["kwargs"])[0]
 
 
 def _bert_mlp(block: nn.Module, y: torch.Tensor, call: dict) -> torch.Tensor:
