@@ -79,18 +79,25 @@ class SideTunedModel(nn.Module):
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, **backbone_kwargs) -> SequenceClassifierOutput | CausalLMOutput:
         states, last_hidden = self.backbone_states(input_ids, attention_mask, **backbone_kwargs)
+        logits = self.logits_of(states, last_hidden, attention_mask)
+        output_type = SequenceClassifierOutput if self.family.task == "classification" else CausalLMOutput
+        loss = per_example_loss(logits, labels).mean() if labels is not None else None
+        return output_type(loss=loss, logits=logits)
+
+    def logits_of(self, states: list[torch.Tensor], last_hidden: torch.Tensor, attention_mask: torch.Tensor | None,
+                  last_only: bool = False) -> torch.Tensor:
+        """The side network over the backbone `states` of every position; a generation model's logits at
+        every position, or at the last one only (`last_only`: decoding needs no other, and the LM head
+        over the whole sequence costs more than the side network)."""
         batch, length = states[0].shape[:2]
         allowed = allowed_keys(attention_mask, batch, length, self.family.causal, states[0].device)
         side = self.side(states, allowed)
         if self.family.task == "classification":
-            logits = self.side.classifier(pool(side, attention_mask, self.family.pools_first_token))
-            output_type = SequenceClassifierOutput
-        else:
-            head = self.backbone.get_output_embeddings()
-            logits = head(last_hidden + self.side.up(side).to(last_hidden.dtype))
-            output_type = CausalLMOutput
-        loss = per_example_loss(logits, labels).mean() if labels is not None else None
-        return output_type(loss=loss, logits=logits)
+            return self.side.classifier(pool(side, attention_mask, self.family.pools_first_token))
+        if last_only:
+            side, last_hidden = side[:, -1:], last_hidden[:, -1:]
+        head = self.backbone.get_output_embeddings()
+        return head(last_hidden + self.side.up(side).to(last_hidden.dtype))
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  max_new_tokens: int = 20, do_sample: bool = False, pad_token_id: int | None = None,

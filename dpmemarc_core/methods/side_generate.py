@@ -1,15 +1,25 @@
 """Greedy decoding for the side network's generation models (`SideTunedModel.generate`).
 
-The side network reads every backbone layer's output at every position, so a KV cache of the backbone
-alone would not do: each new token re-runs the frozen backbone and the side network over the whole
-sequence (quadratic in length, fine for evaluation-length outputs). Left padding is handled by giving
-the backbone position ids counted over real tokens, as Hugging Face's `generate` does.
+The side network reads every backbone layer's output at every position. Under causal attention those
+outputs never change once computed, so decoding runs the frozen backbone on the new token only, with its
+own KV cache, and appends the new position's layer outputs to the ones kept from earlier steps; the side
+network (d/r wide, cheap) then runs over the whole sequence, and the LM head over the last position only.
+Left padding is handled by giving the backbone position ids counted over real tokens, as Hugging Face's
+`generate` does.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
+from transformers import DynamicCache
+
+
+def _cache_argument(base: nn.Module) -> str:
+    # transformers 5.24 renamed the backbones' KV-cache argument from past_key_values to cache.
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 @torch.no_grad()
@@ -27,15 +37,21 @@ def greedy_generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     if stops.numel() and pad_token_id is None:
         raise ValueError("pad_token_id is needed to pad rows that finished (eos_token_id is set)")
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    cache = {_cache_argument(model.family.base): DynamicCache()}
+    states: list[torch.Tensor] = []
+    new_ids = input_ids
     for _ in range(max_new_tokens):
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits
-        token = logits[:, -1].argmax(-1)
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -new_ids.shape[1]:]
+        new_states, last_hidden = model.backbone_states(new_ids, attention_mask, position_ids=positions,
+                                                        use_cache=True, **cache)
+        states = [torch.cat([old, new], dim=1) for old, new in zip(states, new_states)] if states else new_states
+        token = model.logits_of(states, last_hidden, attention_mask, last_only=True)[:, -1].argmax(-1)
         done_before = finished.clone()  # these rows get padding, masked out (the EOS itself stays visible)
         if stops.numel():
             token = torch.where(done_before, torch.full_like(token, pad_token_id), token)
             finished |= torch.isin(token, stops)
-        input_ids = torch.cat([input_ids, token[:, None]], dim=1)
+        new_ids = token[:, None]
+        input_ids = torch.cat([input_ids, new_ids], dim=1)
         attention_mask = torch.cat([attention_mask, (~done_before).long()[:, None]], dim=1)
         if stops.numel() and bool(finished.all()):
             break
