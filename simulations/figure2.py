@@ -45,6 +45,11 @@ def variants_of(config: dict) -> dict[str, dict]:
     return variants
 
 
+def variant_train_options(config: dict, options: dict) -> dict:
+    """A variant's rev options for training: the scale's [<scale>.method_options] rev entry overrides them."""
+    return {**options, **config.get("method_options", {}).get("rev", {})}
+
+
 def variant_memory_spec(config: dict, options: dict) -> dict:
     return {**memory_spec(config, "rev", EPSILON), "method_options": dict(options)}
 
@@ -124,8 +129,10 @@ def main(argv: list[str] | None = None) -> int:
                              memory_selection(args))
     task = config["tasks"][0]
     jobs = [(name, {"task": task, "variant": variant["label"],
-                    "settings": train_settings(config, task, "rev", EPSILON, method_options=dict(variant["options"]))},
-             lambda o=variant["options"]: train_cell(config, task, "rev", EPSILON, method_options=dict(o)))
+                    "settings": train_settings(config, task, "rev", EPSILON,
+                                              method_options=variant_train_options(config, variant["options"]))},
+             lambda o=variant_train_options(config, variant["options"]): train_cell(config, task, "rev", EPSILON,
+                                                                                  method_options=o))
             for name, variant in variants.items()]
     train_cells = run_cells(CellStore(out / "cells"), jobs, selection(args))
     write_outputs(out, NAME, {"config": config, "train": train_cells, "memory": memory_cells},

@@ -84,31 +84,37 @@ def curve_cell(config: dict, task_name: str, method: str) -> dict:
             "train": stats}
 
 
+CURVE_METRICS = (("bleu", "BLEU", ".2f"), ("rouge_l", "ROUGE-L", ".2f"), ("perplexity", "perplexity", ".2f"))
+
+
 def render(config: dict, cells: dict) -> str:
     notes = Footnotes()
     steps = sorted({p["step"] for c in cells.values() if c.get("status") == "done" for p in c["curve"]})
     header = ["Method"] + [f"step {s}" for s in steps]
-    rows = []
-    for method in config["methods"]:
-        cell = cells.get(method)
-        label = paper_numbers.METHOD_LABELS.get(method, method)
-        if cell is None:
-            rows.append([label] + ["…"] * len(steps))
-        elif cell.get("status") != "done":
-            rows.append([label] + [notes.mark(cell.get("error", "failed").splitlines()[0][:300])] * len(steps))
-        else:
-            bleu = {p["step"]: p["bleu"] for p in cell["curve"]}
-            rows.append([label] + [f"{bleu[s]:.2f}" if s in bleu else "—" for s in steps])
+
+    def rows(metric: str, spec: str) -> list[list[str]]:
+        out = []
+        for method in config["methods"]:
+            cell = cells.get(method)
+            label = paper_numbers.METHOD_LABELS.get(method, method)
+            if cell is None:
+                out.append([label] + ["…"] * len(steps))
+            elif cell.get("status") != "done":
+                out.append([label] + [notes.mark(cell.get("error", "failed").splitlines()[0][:300])] * len(steps))
+            else:
+                values = {p["step"]: p[metric] for p in cell["curve"]}
+                out.append([label] + [format(values[s], spec) if s in values else "—" for s in steps])
+        return out
+
     parts = [
         f"## Figure 3: BLEU against training steps ({config['model']} on {config['tasks'][0]}, ε=8)",
         "",
         scale_note(config),
         f"Paper: {paper_numbers.FIGURE3_TEXT}",
-        "",
-        markdown_table(header, rows),
-        "",
-        f"![figure 3]({NAME}.png)",
     ]
+    for metric, title, spec in CURVE_METRICS:  # the figure plots BLEU; ROUGE-L and perplexity at the same checkpoints
+        parts += ["", f"{title}:", "", markdown_table(header, rows(metric, spec))]
+    parts += ["", f"![figure 3]({NAME}.png)"]
     if notes.notes:
         parts += ["", notes.render()]
     return "\n".join(parts) + "\n"

@@ -15,7 +15,7 @@ import dpmemarc_core.offline as offline
 import simulations.common as common
 from dpmemarc_core.data import _NEGATIVE, _NEUTRAL, _POSITIVE
 from simulations import figure2, figure3, table2, table4
-from simulations.common import CellStore, load_config, run_cells
+from simulations.common import CONFIG_DIR, CellStore, load_config, run_cells
 
 
 @pytest.fixture(scope="module")
@@ -246,3 +246,23 @@ def test_figure3_records_bleu_at_checkpoints(tmp_path, tiny_gpt2, tiny_bert):
     assert [p["step"] for p in curve] == [0, 1, 2] and all(p["bleu"] >= 0 for p in curve)
     assert (out / "figure3.png").read_bytes()[:4] == b"\x89PNG"
     assert "step 2" in (out / "figure3.md").read_text()
+
+
+def test_figure2_trains_every_shipped_f_at_the_scale_rank_and_sizes_memory_at_the_variant_rank(tmp_path, tiny_bert):
+    shipped = load_config(CONFIG_DIR / "figure2.toml", "offline")
+
+    def inline(options: dict) -> str:
+        return "{ " + ", ".join(f"{key} = {json.dumps(value)}" for key, value in options.items()) + " }"
+
+    extra = "\n".join(f"[variants.{name}]\nlabel = {json.dumps(v['label'])}\noptions = {inline(v['options'])}"
+                      for name, v in figure2.variants_of(shipped).items())
+    config = write_config(tmp_path / "t.toml", tiny_bert, tiny_bert, methods=("rev",), epsilons=("8.0",),
+                          extra=extra)
+    assert figure2.main(["--config", config, "--results", str(tmp_path / "r")]) == 0
+    result = json.loads((tmp_path / "r" / "figure2" / "offline" / "figure2.json").read_text())
+    assert set(result["train"]) == {"lora", "parallel_adapter", "prefix", "dylora"}
+    for name, cell in result["train"].items():
+        assert cell["status"] == "done", cell.get("error")
+        assert cell["settings"]["method_options"] == {**shipped["variants"][name]["options"], "r": 4}
+    memory_options = sorted(c["spec"]["method_options"]["r"] for c in result["memory"].values())
+    assert memory_options == [64] * 4
