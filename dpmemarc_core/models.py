@@ -4,6 +4,7 @@ weights (for memory and speed studies of models whose weights are not at hand)."
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -35,6 +36,16 @@ PUBLISHED_CONFIGS = tuple(
     sorted(entry.name.removesuffix(".json") for entry in resources.files("dpmemarc_core.configs").iterdir()
            if entry.name.endswith(".json"))
 )
+
+
+# transformers 5.24 renamed the KV-cache argument of its models and blocks from past_key_values to cache.
+KV_CACHE_ARGUMENTS = ("cache", "past_key_values")
+
+
+def kv_cache_argument(module: torch.nn.Module) -> str:
+    """The name `module.forward` takes its KV cache under, in the installed transformers."""
+    parameters = inspect.signature(module.forward).parameters
+    return next(name for name in KV_CACHE_ARGUMENTS if name in parameters)
 
 
 def load_backbone(

@@ -30,6 +30,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
+from dpmemarc_core.models import KV_CACHE_ARGUMENTS
 from dpmemarc_core.privacy.engine import bk_anchors_of, bk_backward_inputs
 
 Sublayer = Callable[[nn.Module, torch.Tensor, dict], torch.Tensor]  # (block, input, call arguments) -> output
@@ -180,14 +181,10 @@ class _ReversibleStackFunction(torch.autograd.Function):
         return (None, None, None, d_hidden, *(grads.get(id(p)) for p in ctx.params), *([None] * n_anchors))
 
 
-# transformers 5.24 renamed the blocks' KV-cache argument from `past_key_values` to `cache`; a call dict is
-# bound from the installed version's block signature, so it holds exactly one of the two.
-CACHE_ARGUMENTS = ("cache", "past_key_values")
-
-
 def cache_argument(call: dict) -> dict:
-    """The KV-cache keyword argument of `call` under the installed transformers' name, for a sub-layer call."""
-    return {name: call[name] for name in CACHE_ARGUMENTS if name in call}
+    """The KV-cache keyword argument of `call` under the installed transformers' name, for a sub-layer call
+    (a call dict is bound from the installed block's signature, so it holds exactly one of the names)."""
+    return {name: call[name] for name in KV_CACHE_ARGUMENTS if name in call}
 
 
 def _without_cache(call: dict) -> dict:

@@ -10,16 +10,11 @@ Left padding is handled by giving the backbone position ids counted over real to
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import nn
 from transformers import DynamicCache
 
-
-def _cache_argument(base: nn.Module) -> str:
-    # transformers 5.24 renamed the backbones' KV-cache argument from past_key_values to cache.
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+from dpmemarc_core.models import kv_cache_argument
 
 
 @torch.no_grad()
@@ -37,7 +32,7 @@ def greedy_generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     if stops.numel() and pad_token_id is None:
         raise ValueError("pad_token_id is needed to pad rows that finished (eos_token_id is set)")
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    cache = {_cache_argument(model.family.base): DynamicCache()}
+    cache = {kv_cache_argument(model.family.base): DynamicCache()}
     states: list[torch.Tensor] = []
     new_ids = input_ids
     for _ in range(max_new_tokens):
