@@ -45,7 +45,11 @@ KV_CACHE_ARGUMENTS = ("cache", "past_key_values")
 def kv_cache_argument(module: torch.nn.Module) -> str:
     """The name `module.forward` takes its KV cache under, in the installed transformers."""
     parameters = inspect.signature(module.forward).parameters
-    return next(name for name in KV_CACHE_ARGUMENTS if name in parameters)
+    for name in KV_CACHE_ARGUMENTS:
+        if name in parameters:
+            return name
+    raise ValueError(f"{type(module).__name__}.forward takes none of {KV_CACHE_ARGUMENTS} (a transformers version "
+                     "this code does not know)")
 
 
 def load_backbone(
