@@ -84,7 +84,7 @@ def curve_cell(config: dict, task_name: str, method: str) -> dict:
             "train": stats}
 
 
-CURVE_METRICS = (("bleu", "BLEU", ".2f"), ("rouge_l", "ROUGE-L", ".2f"), ("perplexity", "perplexity", ".2f"))
+CURVE_METRICS = (("bleu", "BLEU"), ("rouge_l", "ROUGE-L"), ("perplexity", "perplexity"))
 
 
 def render(config: dict, cells: dict) -> str:
@@ -92,7 +92,7 @@ def render(config: dict, cells: dict) -> str:
     steps = sorted({p["step"] for c in cells.values() if c.get("status") == "done" for p in c["curve"]})
     header = ["Method"] + [f"step {s}" for s in steps]
 
-    def rows(metric: str, spec: str) -> list[list[str]]:
+    def rows(metric: str) -> list[list[str]]:
         out = []
         for method in config["methods"]:
             cell = cells.get(method)
@@ -103,7 +103,7 @@ def render(config: dict, cells: dict) -> str:
                 out.append([label] + [notes.mark(cell.get("error", "failed").splitlines()[0][:300])] * len(steps))
             else:
                 values = {p["step"]: p[metric] for p in cell["curve"]}
-                out.append([label] + [format(values[s], spec) if s in values else "—" for s in steps])
+                out.append([label] + [f"{values[s]:.2f}" if s in values else "—" for s in steps])
         return out
 
     parts = [
@@ -112,8 +112,8 @@ def render(config: dict, cells: dict) -> str:
         scale_note(config),
         f"Paper: {paper_numbers.FIGURE3_TEXT}",
     ]
-    for metric, title, spec in CURVE_METRICS:  # the figure plots BLEU; ROUGE-L and perplexity at the same checkpoints
-        parts += ["", f"{title}:", "", markdown_table(header, rows(metric, spec))]
+    for metric, title in CURVE_METRICS:  # the figure plots BLEU; ROUGE-L and perplexity at the same checkpoints
+        parts += ["", f"{title}:", "", markdown_table(header, rows(metric))]
     parts += ["", f"![figure 3]({NAME}.png)"]
     if notes.notes:
         parts += ["", notes.render()]

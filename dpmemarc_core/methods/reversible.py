@@ -105,8 +105,8 @@ def apply_rev(model: nn.Module, r: int = 64, *, lora_alpha: float | None = None,
     but only two hidden states per block (a plain backward keeps ~10-20 tensors per block).
 
     Start point: with LoRA B (or the zero-initialised half of F's other modules) and the adapters'
-    up-projections at zero, the model differs from the pretrained one only by the coupling's O(λ + β) terms. Relative change of the last hidden state at
-    λ = β = 0.1 (0.01): all-MiniLM-L6-v2 0.27 (0.025), SmolLM2-135M 0.14 (0.015); with MEFT's F and G
+    up-projections at zero, the model differs from the pretrained one only by the coupling's O(λ + β)
+    terms. Relative change of the last hidden state at λ = β = 0.1 (0.01): all-MiniLM-L6-v2 0.27 (0.025), SmolLM2-135M 0.14 (0.015); with MEFT's F and G
     keeping their full residual: 0.31, 1.24; averaging the streams instead: 0.58, 0.32.
     Round-off: inversion multiplies it by at least 1/(λβ) per block. In float32 at λ = β = 0.1,
     MiniLM's bottom two blocks are not recovered (relative error 3e2) and SmolLM2's 30 overflow;
