@@ -99,16 +99,17 @@ def non_dp_step(family: str, device: torch.device, batch_size: int) -> Step:
 def bk_step(family: str, device: torch.device, batch_size: int, clipping_mode: str) -> Step:
     from dpmemarc_core.privacy.engine import BKEngine
     from dpmemarc_core.privacy.noise import privatize_gradients
+    from dpmemarc_core.privacy.randomness import PrivateRandomness
 
     model = build_model(family, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=LR)
     engine = BKEngine(model, max_grad_norm=MAX_GRAD_NORM, clipping_mode=clipping_mode, clip_fn="abadi")
-    generator = torch.Generator(device).manual_seed(0)
+    noise = PrivateRandomness(device)
 
     def step(ids: torch.Tensor) -> None:
         engine.clipped_backward(lm_loss(model, ids))
-        privatize_gradients(params, NOISE_MULTIPLIER, MAX_GRAD_NORM, batch_size, generator)
+        privatize_gradients(params, NOISE_MULTIPLIER, MAX_GRAD_NORM, batch_size, noise)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -7,7 +7,7 @@ import json
 import math
 import sys
 
-from dpmemarc_core.cli_args import epsilon_arg
+from dpmemarc_core.cli_args import delta_arg, epsilon_arg
 from dpmemarc_core.presets import PRESETS, preset_config
 from dpmemarc_core.train import TrainConfig, train
 
@@ -37,7 +37,12 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task", default=d.task, help="task name (see dpmemarc_core.data.TASKS)")
     p.add_argument("--method", default=d.method, help="full, lora, adapter, bitfit, side, rev, zo")
     p.add_argument("--epsilon", type=epsilon_arg, default=d.epsilon, help="privacy budget; inf = non-private")
-    p.add_argument("--delta", type=float, default=None, help="default 1/N (N training examples)")
+    p.add_argument("--delta", type=delta_arg, default=None,
+                   help="a number in (0, 1), or a rule of the number N of training examples: 1/(10N) (the default: "
+                        "delta must be well below 1/N) or 1/N (the paper's, the 'paper' preset's default)")
+    p.add_argument("--secure-mode", action="store_true",
+                   help="draw Poisson batches and noise from a cryptographically secure generator, with noise "
+                        "robust to the floating-point attack (as Opacus's secure_mode); slower, see BENCHMARKS.md")
     steps = p.add_mutually_exclusive_group()
     steps.add_argument("--epochs", type=float, default=None, help="default: the preset's")
     steps.add_argument("--max-steps", type=int, default=None)
@@ -69,7 +74,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     # Flags left unset (None) take the preset's value; 0 for the caps means "all examples".
     unset_by_default = {"epochs": args.epochs, "max_steps": args.max_steps, "batch_size": args.batch_size,
                         "lr": args.lr, "max_length": args.max_length, "max_train": args.max_train,
-                        "max_eval": args.max_eval}
+                        "max_eval": args.max_eval, "delta": args.delta}
     given = {k: v for k, v in unset_by_default.items() if v is not None}
     for cap in ("max_train", "max_eval"):
         if given.get(cap) == 0:
@@ -77,7 +82,8 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.max_steps is not None:
         given["epochs"] = None
     return preset_config(
-        args.preset, args.method, model=args.model, task=args.task, epsilon=args.epsilon, delta=args.delta,
+        args.preset, args.method, model=args.model, task=args.task, epsilon=args.epsilon,
+        secure_mode=args.secure_mode,
         physical_batch_size=args.physical_batch_size, max_grad_norm=args.max_grad_norm,
         clipping_mode=args.clipping_mode, clip_fn=args.clip_fn, accountant=args.accountant, seed=args.seed,
         device=args.device, output=args.output, method_options=_method_options(args.method_option),

@@ -14,3 +14,33 @@ def epsilon_arg(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"--epsilon must be > 0 (or 'inf' for non-private), got {text}")
     return value
+
+
+def delta_arg(text: str) -> float | str:
+    """`--delta`: a number in (0, 1), or a rule of N ("1/(10N)", "1/N")."""
+    from dpmemarc_core.privacy.settings import DELTA_RULES
+
+    if text in DELTA_RULES:
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--delta must be a number in (0, 1) or one of {', '.join(DELTA_RULES)}, "
+                                         f"got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"--delta must satisfy 0 < delta < 1, got {text}")
+    return value
+
+
+def positive_int(name: str):
+    """An argparse type for an integer >= 1 whose errors name the flag `name`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer >= 1, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer >= 1, got {text!r}")
+        return value
+
+    return parse

@@ -13,7 +13,7 @@ from dpmemarc_core.cli_args import epsilon_arg
 from dpmemarc_core.privacy.audit import AuditResult, run_audit, tokenizer_canaries
 from dpmemarc_core.privacy.settings import PrivacySettings
 
-# The bound pays 2·m·δ: with train's default δ = 1/N and m canaries among N examples that term is about 1,
+# The bound pays 2·m·δ: with a δ of order 1/N and m canaries among N examples that term is about 1,
 # which costs a good part of the bound (the paper audits at δ = 1e-5).
 DEFAULT_DELTA = 1e-5
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import resource
-import secrets
 import sys
 import time
 from collections.abc import Mapping
@@ -256,13 +255,11 @@ def run_site_round(model: nn.Module, task: Task, cfg: FederatedConfig, plan: Sit
                              peak_memory_bytes=0, seconds=0.0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    # Batches and noise must be unpredictable to the server: the run config (and so any seed in it) is
-    # known to every party, and noise drawn from a known seed could be subtracted again. (40 bits: the
-    # trainer derives its sampler seed as seed·100003 + run, which must fit int64.)
+    # Batches and noise come from the trainer's OS-entropy streams: the run config (and any seed in it) is
+    # known to every party, so nothing derived from it may choose them.
     trainer = make_trainer(cfg.method, model, task.train, task.collate, privacy, plan.sample_rate,
                            plan.noise_multiplier, lr=cfg.lr, accountant=accountant,
-                           physical_batch_size=cfg.physical_batch_size or None, seed=secrets.randbits(40),
-                           device=device)
+                           physical_batch_size=cfg.physical_batch_size or None, device=device)
     start = time.perf_counter()
     try:
         stats = trainer.run(cfg.local_steps, progress=False)

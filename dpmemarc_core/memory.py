@@ -267,7 +267,7 @@ def _stepper(model: torch.nn.Module, spec: MemorySpec, batch: dict[str, torch.Te
     examples = [{k: v[i] for k, v in batch.items()} for i in range(spec.batch_size)]
     sigma = NOISE_MULTIPLIER if math.isfinite(epsilon) else 0.0
     trainer = PrivateTrainer(model, examples, _stack, privacy, sample_rate=1.0, noise_multiplier=sigma, lr=LR,
-                             seed=spec.seed, device=next(model.parameters()).device)
+                             device=next(model.parameters()).device)
     indices = list(range(spec.batch_size))
     stats = StepStats()
     return [os.path.dirname(privacy_package.__file__)], lambda: trainer.step(indices, stats), trainer.optimizer

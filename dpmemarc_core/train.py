@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,6 +21,7 @@ from tqdm.auto import tqdm
 from dpmemarc_core.losses import per_example_loss
 from dpmemarc_core.privacy import BKEngine, PoissonBatchSampler, PrivacyAccountant, PrivacySettings, noise_multiplier_for
 from dpmemarc_core.privacy.noise import privatize_gradients
+from dpmemarc_core.privacy.randomness import PrivateRandomness
 from dpmemarc_core.privacy.settings import check_count, check_sample_rate
 
 Collate = Callable[[list[dict]], dict[str, torch.Tensor]]
@@ -32,14 +32,6 @@ def sample_rate_for(batch_size: int, num_examples: int) -> float:
     check_count(batch_size, "batch_size", minimum=1)
     check_count(num_examples, "num_examples", minimum=1)
     return check_sample_rate(min(1.0, batch_size / num_examples), "batch_size / num_examples")
-
-
-def noise_generator(device: torch.device, noise_seed: int | None = None) -> torch.Generator | None:
-    """The Gaussian-noise generator. Seeded from OS entropy unless `noise_seed` is given (tests, debugging):
-    noise an adversary can regenerate from a known seed (the default `seed` 0) protects nothing."""
-    if device.type == "meta":  # memory simulation: no generator there, and noise is shape-only anyway
-        return None
-    return torch.Generator(device).manual_seed(secrets.randbits(63) if noise_seed is None else noise_seed)
 
 
 class StepStats:
@@ -63,12 +55,16 @@ class PrivateTrainer:
     Each step samples a Poisson batch (rate `sample_rate`, possibly empty), splits it into physical
     micro-batches of at most `physical_batch_size` (the clipped sums accumulate in `.grad`), adds
     σ·C·N(0, I), divides by the expected batch size, steps Adam and records the step in `accountant`.
+
+    Batches and noise come from OS entropy (`privacy.secure_mode`: from a CSPRNG). `sampling_seed` and
+    `noise_seed` fix them and so BREAK PRIVACY: tests and debugging only.
     """
 
     def __init__(self, model: torch.nn.Module, examples: Sequence[dict], collate: Collate,
                  privacy: PrivacySettings, sample_rate: float, noise_multiplier: float, lr: float = 5e-4,
                  accountant: PrivacyAccountant | None = None, physical_batch_size: int | None = None,
-                 seed: int = 0, device: torch.device | str | None = None, noise_seed: int | None = None) -> None:
+                 device: torch.device | str | None = None, *, sampling_seed: int | None = None,
+                 noise_seed: int | None = None) -> None:
         self.model = model
         self.examples = examples
         self.collate = collate
@@ -80,9 +76,7 @@ class PrivateTrainer:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(self.params, lr=lr)
-        self.seed = seed
-        self.runs = 0
-        self.generator = noise_generator(self.device, noise_seed)
+        self.sampling, self.noise = private_randomness(privacy, self.device, sampling_seed, noise_seed)
         self.engine = None
         if privacy.is_private:
             self.engine = BKEngine(model, max_grad_norm=privacy.max_grad_norm, clipping_mode=privacy.clipping_mode,
@@ -112,7 +106,7 @@ class PrivateTrainer:
             stats.examples += len(chunk)
         if self.engine is not None:
             privatize_gradients(self.params, self.noise_multiplier, self.privacy.max_grad_norm,
-                                self.expected_batch_size, self.generator)
+                                self.expected_batch_size, self.noise)
             self.accountant.step(self.noise_multiplier, self.sample_rate)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -124,12 +118,19 @@ class PrivateTrainer:
         return run_steps(self, steps, progress, on_step, description)
 
 
+def private_randomness(privacy: PrivacySettings, device: torch.device, sampling_seed: int | None = None,
+                       noise_seed: int | None = None) -> tuple[PrivateRandomness, PrivateRandomness]:
+    """A trainer's two secret streams: Poisson sampling (CPU) and noise (on the training device). Kept for
+    the trainer's life, so that successive `run` calls continue them rather than repeat them."""
+    return (PrivateRandomness("cpu", sampling_seed, secure=privacy.secure_mode),
+            PrivateRandomness(device, noise_seed, secure=privacy.secure_mode))
+
+
 def run_steps(trainer, steps: int, progress: bool = True, on_step: Callable[[int], None] | None = None,
               description: str = "train") -> dict:
-    """The step loop shared by every trainer (`PrivateTrainer`, `ZOTrainer`): Poisson batches, progress bar."""
-    sampler = PoissonBatchSampler(len(trainer.examples), trainer.sample_rate, steps,
-                                  seed=trainer.seed * 100_003 + trainer.runs)
-    trainer.runs += 1
+    """The step loop shared by every trainer (`PrivateTrainer`, `ZOTrainer`): Poisson batches drawn from the
+    trainer's secret sampling stream (`trainer.sampling`), progress bar."""
+    sampler = PoissonBatchSampler(len(trainer.examples), trainer.sample_rate, steps, randomness=trainer.sampling)
     stats = StepStats()
     bar = tqdm(sampler, total=steps, desc=description, disable=not progress, dynamic_ncols=True)
     for indices in bar:
@@ -149,7 +150,7 @@ class TrainConfig:
     task: str = "movie-sentiment"
     method: str = "lora"
     epsilon: float = 8.0
-    delta: float | None = None
+    delta: float | str | None = None  # a number, or a rule of N: "1/(10N)" (None, the default) or "1/N"
     epochs: float | None = None
     max_steps: int | None = None
     batch_size: int = 32
@@ -162,7 +163,11 @@ class TrainConfig:
     max_length: int = 128
     max_train: int | None = None
     max_eval: int | None = None
-    seed: int = 0
+    seed: int = 0  # public: fixes initialisation, data splits and DPZero's directions, never batches or noise
+    secure_mode: bool = False
+    # Fix the Poisson batches / the noise: BREAKS PRIVACY (anyone who knows them can undo the DP); tests only.
+    sampling_seed: int | None = None
+    noise_seed: int | None = None
     device: str | None = None
     output: str | None = None
     method_options: dict = field(default_factory=dict)
@@ -224,7 +229,8 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.method == "zo" and cfg.zo_params not in ZO_PARAM_METHODS:
         raise ValueError(f"zo_params must be one of {ZO_PARAM_METHODS}, got {cfg.zo_params!r}")
     privacy = PrivacySettings(target_epsilon=cfg.epsilon, delta=cfg.delta, max_grad_norm=cfg.max_grad_norm,
-                              clipping_mode=cfg.clipping_mode, clip_fn=cfg.clip_fn, accountant=cfg.accountant)
+                              clipping_mode=cfg.clipping_mode, clip_fn=cfg.clip_fn, accountant=cfg.accountant,
+                              secure_mode=cfg.secure_mode)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     kind = task_kind_of(cfg.task)
@@ -245,7 +251,8 @@ def train(cfg: TrainConfig) -> dict:
     before = evaluate(model, task, tokenizer, eval_batch)
     print(f"before training: {json.dumps(before)}", flush=True)
     trainer = make_trainer(cfg.method, model, task.train, task.collate, privacy, q, sigma, lr=cfg.lr,
-                           physical_batch_size=cfg.physical_batch_size, seed=cfg.seed, device=device)
+                           physical_batch_size=cfg.physical_batch_size, device=device,
+                           sampling_seed=cfg.sampling_seed, noise_seed=cfg.noise_seed)
     start = time.perf_counter()
     train_stats = trainer.run(steps, progress=cfg.progress)
     seconds = time.perf_counter() - start
@@ -256,9 +263,12 @@ def train(cfg: TrainConfig) -> dict:
         "model": cfg.model, "task": cfg.task, "method": cfg.method,
         "epsilon": spent, "target_epsilon": privacy.target_epsilon, "delta": delta,
         "noise_multiplier": sigma, "sample_rate": q, "steps": steps, "train_examples": n,
-        "eval_examples": len(task.eval), "train_seconds": seconds,
+        "eval_examples": len(task.eval),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "metrics_before": before, "metrics": after, "train": train_stats,
+        "metrics_before": before, "metrics": after,
+        # Statistics of the private training examples, released without noise: they stay with the data owner
+        # and are outside the (epsilon, delta) above. Nothing else in this file is computed from those examples.
+        "non_private_diagnostics": {**train_stats, "train_seconds": seconds},
         "config": asdict(cfg),
     }
     if cfg.output:

@@ -25,7 +25,7 @@ import torch
 from dpmemarc_core.losses import per_example_loss
 from dpmemarc_core.privacy import PrivacyAccountant, PrivacySettings
 from dpmemarc_core.privacy.settings import check_count, check_sample_rate
-from dpmemarc_core.train import Collate, StepStats, noise_generator, run_steps
+from dpmemarc_core.train import Collate, StepStats, private_randomness, run_steps
 from dpmemarc_core.zo_directions import (
     SEED_BOUND,
     apply_zo_updates,
@@ -42,7 +42,7 @@ DEFAULT_PERTURBATION_SCALE = 1e-3
 DEFAULT_LR = 1e-5
 # Same γ as the BK engine's automatic clipping, so "automatic" means one thing in the project.
 AUTOMATIC_CLIP_GAMMA = 0.01
-# Salt separating the stream of published direction seeds from the noise generator's stream.
+# Salt of the stream of published direction seeds (derived from the public seed; batches and noise are not).
 _DIRECTION_STREAM = 0x7A6F
 
 
@@ -88,7 +88,8 @@ class ZOTrainer:
                  accountant: PrivacyAccountant | None = None, physical_batch_size: int | None = None,
                  seed: int = 0, device: torch.device | str | None = None, *,
                  perturbation_scale: float = DEFAULT_PERTURBATION_SCALE,
-                 direction_device: torch.device | str | None = None, noise_seed: int | None = None) -> None:
+                 direction_device: torch.device | str | None = None, sampling_seed: int | None = None,
+                 noise_seed: int | None = None) -> None:
         self.model = model
         self.examples = examples
         self.collate = collate
@@ -103,10 +104,10 @@ class ZOTrainer:
         self.params = trainable_parameters(model)
         self.device = torch.device(device) if device is not None else self.params[0].device
         self.direction_device = resolve_direction_device(self.params, direction_device)
-        self.seed = check_count(seed, "seed", minimum=0)
-        self.runs = 0
-        self.generator = noise_generator(self.device, noise_seed)
-        # Direction seeds are published (history); drawing them from the noise generator would publish it.
+        # `seed` is public and fixes only the directions, which are published anyway (history); batches and
+        # noise come from the secret streams (`sampling_seed`/`noise_seed` fix them: BREAKS PRIVACY, tests only).
+        check_count(seed, "seed", minimum=0)
+        self.sampling, self.noise = private_randomness(privacy, self.device, sampling_seed, noise_seed)
         self._direction_seeds = np.random.default_rng([seed, _DIRECTION_STREAM])
         self._seeds: list[int] = []
         self._projected: list[torch.Tensor] = []
@@ -148,10 +149,7 @@ class ZOTrainer:
         total = clip_scalars(differences, max_norm, self.privacy.clip_fn).sum()
         stats.clipped = stats.clipped + (differences.abs() > max_norm).sum()
         if self.noise_multiplier > 0:
-            if self.generator is None:
-                noise = torch.randn((), device=self.device)
-            else:
-                noise = torch.randn((), generator=self.generator, device=self.device)
+            noise = self.noise.normal((), torch.float32, self.device)
             total = total + self.noise_multiplier * max_norm * noise
         self.accountant.step(self.noise_multiplier, self.sample_rate)
         return total / self.expected_batch_size

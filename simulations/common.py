@@ -27,7 +27,7 @@ DEFAULT_RESULTS = SIMULATIONS_DIR.parent / "results"
 SCALES = ("paper", "offline")
 TRAIN_KEYS = {"model", "tasks", "paper_columns", "methods", "epsilons", "batch_size", "lr", "max_length", "max_train",
               "max_eval", "max_steps", "epochs", "seed", "physical_batch_size", "device", "method_options",
-              "method_lr", "max_grad_norm", "eval_every", "zo_params"}
+              "method_lr", "max_grad_norm", "eval_every", "zo_params", "delta"}
 
 
 def epsilon_key(epsilon: float) -> str:
@@ -218,7 +218,7 @@ def train_settings(config: dict, task: str, method: str, epsilon: float, **overr
     """The TrainConfig fields one cell sets (the rest are TrainConfig's defaults). They define the cell: a
     new TrainConfig field with a default leaves finished cells valid."""
     fields = {k: config[k] for k in ("batch_size", "lr", "max_length", "max_train", "max_eval", "max_steps", "epochs",
-                                     "seed", "physical_batch_size", "device", "max_grad_norm") if k in config}
+                                     "seed", "physical_batch_size", "device", "max_grad_norm", "delta") if k in config}
     fields["lr"] = config.get("method_lr", {}).get(method, fields.get("lr", 5e-4))
     fields["method_options"] = dict(config.get("method_options", {}).get(method, {}))
     if method == "zo" and "zo_params" in config:
@@ -239,7 +239,7 @@ def train_cell(config: dict, task: str, method: str, epsilon: float, **overrides
 
     summary = train(train_config(config, task, method, epsilon, **overrides))
     keep = ("metrics", "metrics_before", "epsilon", "delta", "noise_multiplier", "sample_rate", "steps",
-            "train_examples", "eval_examples", "train_seconds", "trainable_parameters", "train", "config")
+            "train_examples", "eval_examples", "trainable_parameters", "non_private_diagnostics", "config")
     return {k: summary[k] for k in keep if k in summary}
 
 

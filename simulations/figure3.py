@@ -65,7 +65,7 @@ def curve_cell(config: dict, task_name: str, method: str) -> dict:
     sigma = noise_multiplier_for(target_epsilon=privacy.target_epsilon, delta=delta, sample_rate=q, steps=steps,
                                  accountant=privacy.accountant)
     trainer = PrivateTrainer(model, task.train, task.collate, privacy, q, sigma, lr=cfg.lr,
-                             physical_batch_size=cfg.physical_batch_size, seed=cfg.seed, device=device)
+                             physical_batch_size=cfg.physical_batch_size, device=device)
     curve = []
     start = time.perf_counter()
 
@@ -81,7 +81,7 @@ def curve_cell(config: dict, task_name: str, method: str) -> dict:
     stats = trainer.run(steps, progress=False, on_step=checkpoint)
     return {"curve": curve, "noise_multiplier": sigma, "delta": delta, "sample_rate": q, "steps": steps,
             "train_examples": n, "eval_examples": len(task.eval), "epsilon": trainer.accountant.get_epsilon(delta),
-            "train": stats}
+            "non_private_diagnostics": stats}
 
 
 CURVE_METRICS = (("bleu", "BLEU"), ("rouge_l", "ROUGE-L"), ("perplexity", "perplexity"))

@@ -21,14 +21,17 @@ def test_train_writes_summary_and_trainable_state(tmp_path, method):
         assert key in summary
     assert summary["method"] == method and summary["steps"] == 2
     assert 0 < summary["epsilon"] <= 4.0 + 1e-9
-    assert summary["delta"] == pytest.approx(1 / 24)
+    assert summary["delta"] == pytest.approx(0.1 / 24)  # the default rule 1/(10N)
+    assert set(summary["non_private_diagnostics"]) >= {"train_loss", "clipped_fraction", "train_seconds"}
+    assert "train" not in summary and "train_seconds" not in summary
     assert 0.0 <= summary["metrics"]["accuracy"] <= 1.0
     assert (out / "trainable.safetensors").stat().st_size > 0
 
 
 def test_bad_input_is_a_clear_error_not_a_traceback(tmp_path, capsys):
-    assert main([*ARGS, "--method", "lora", "--max-steps", "1", "--delta", "2", "--output", str(tmp_path)]) == 2
-    assert "delta" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*ARGS, "--method", "lora", "--max-steps", "1", "--delta", "2", "--output", str(tmp_path)])
+    assert "--delta must satisfy 0 < delta < 1" in capsys.readouterr().err
     assert main([*ARGS, "--method", "nope", "--output", str(tmp_path)]) == 2
     assert "accepted" in capsys.readouterr().err
     with pytest.raises(SystemExit):

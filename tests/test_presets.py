@@ -18,9 +18,11 @@ def test_no_flags_is_the_quick_preset_for_lora():
     assert cfg.method_options == {"r": 1} and cfg.max_train == 2000
 
 
-def test_paper_preset_is_the_library_default():
+def test_paper_preset_is_the_library_default_with_the_papers_delta():
     cfg = _config("--preset", "paper", "--method", "rev")
-    assert cfg == TrainConfig(method="rev", output="runs/quickstart")
+    assert cfg == TrainConfig(method="rev", output="runs/quickstart", delta="1/N")
+    assert _config("--preset", "paper", "--delta", "1e-6").delta == 1e-6
+    assert _config().delta is None  # quick: the library's 1/(10N)
 
 
 def test_flags_override_the_preset_and_options_merge():

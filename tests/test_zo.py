@@ -123,13 +123,23 @@ def test_steps_are_reproducible_from_the_seed():
     runs = []
     for seed in (5, 5, 6):
         model = tiny_classifier()
-        trainer = make_trainer(model, examples(), sigma=0.5, lr=1e-2, seed=seed, noise_seed=seed)
+        trainer = make_trainer(model, examples(), sigma=0.5, lr=1e-2, seed=seed, sampling_seed=seed, noise_seed=seed)
         trainer.run(4, progress=False)
         runs.append((trainable(model), trainer.history))
     (params_a, history_a), (params_b, history_b), (params_c, history_c) = runs
     assert history_a == history_b
     assert all(torch.equal(a, b) for a, b in zip(params_a, params_b))
     assert [s for s, _ in history_a] != [s for s, _ in history_c]
+
+
+def test_the_public_seed_fixes_directions_but_not_batches_or_noise():
+    histories = []
+    for _ in range(2):
+        trainer = make_trainer(tiny_classifier(), examples(), sigma=0.5, lr=1e-2, seed=5)
+        trainer.run(3, progress=False)
+        histories.append(trainer.history)
+    assert [s for s, _ in histories[0]] == [s for s, _ in histories[1]]
+    assert [g for _, g in histories[0]] != [g for _, g in histories[1]]
 
 
 def test_replaying_seed_scalar_pairs_reproduces_the_trained_model():

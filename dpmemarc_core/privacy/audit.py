@@ -186,8 +186,8 @@ def run_audit(model: torch.nn.Module, examples: Sequence[dict], collate: Collate
     constructor and `run`/`accountant` (e.g. `zo.ZOTrainer`). `noise_seed` makes the noise repeatable (tests);
     leave it None to audit the noise a real run draws (OS entropy).
     """
-    if privacy.delta is None:
-        raise ValueError("privacy.delta must be set for an audit (e.g. 1e-5): the bound adds 2 * canaries * delta")
+    if not isinstance(privacy.delta, float):
+        raise ValueError("privacy.delta must be a number for an audit (e.g. 1e-5): the bound adds 2 * canaries * delta")
     delta = check_delta(privacy.delta)
     m = check_count(len(canaries), "number of canaries", minimum=2)
     k = m // 10 if guesses_per_side is None else check_count(guesses_per_side, "guesses_per_side", minimum=1)
@@ -201,8 +201,7 @@ def run_audit(model: torch.nn.Module, examples: Sequence[dict], collate: Collate
                                  steps=check_count(steps, "steps", minimum=1), accountant=privacy.accountant)
     before = canary_losses(model, canaries, collate, device=device)
     trainer = trainer_class(model, train_set, collate, privacy, q, sigma, lr=lr,
-                            physical_batch_size=physical_batch_size, seed=seed, device=device,
-                            noise_seed=noise_seed)
+                            physical_batch_size=physical_batch_size, device=device, noise_seed=noise_seed)
     trainer.run(steps, progress=progress, description="audit")
     after = canary_losses(model, canaries, collate, device=device)
     correct = count_correct_guesses(membership_scores(before, after, canaries), included, k)

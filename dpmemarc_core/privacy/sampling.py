@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import torch
-
+from dpmemarc_core.privacy.randomness import PrivateRandomness
 from dpmemarc_core.privacy.settings import check_count, check_sample_rate
 
 
@@ -15,21 +14,19 @@ class PoissonBatchSampler:
 
     Batch sizes vary and a batch may be empty: it is yielded all the same,
     because the step still adds noise and counts for accounting. Use it as a
-    DataLoader's `batch_sampler`. The draws come from one torch.Generator seeded
-    once, so the same seed gives the same batches, and iterating twice continues
-    the stream instead of repeating it (repeated batches would void the analysis).
-    seed=None seeds from fresh system randomness.
+    DataLoader's `batch_sampler`. The draws come from `randomness` (by default a
+    new `PrivateRandomness` from OS entropy: the batches must be secret for the
+    accountant's amplification by subsampling to hold), and iterating twice
+    continues the stream instead of repeating it (repeated batches would void
+    the analysis).
     """
 
-    def __init__(self, num_examples: int, sample_rate: float, steps: int, seed: int | None = None) -> None:
+    def __init__(self, num_examples: int, sample_rate: float, steps: int,
+                 randomness: PrivateRandomness | None = None) -> None:
         self.num_examples = check_count(num_examples, "num_examples", minimum=1)
         self.sample_rate = check_sample_rate(sample_rate)
         self.steps = check_count(steps, "steps", minimum=0)
-        self._generator = torch.Generator()
-        if seed is None:
-            self._generator.seed()
-        else:
-            self._generator.manual_seed(check_count(seed, "seed", minimum=0))
+        self.randomness = randomness if randomness is not None else PrivateRandomness("cpu")
 
     @property
     def expected_batch_size(self) -> float:
@@ -41,5 +38,5 @@ class PoissonBatchSampler:
 
     def __iter__(self) -> Iterator[list[int]]:
         for _ in range(self.steps):
-            included = torch.rand(self.num_examples, generator=self._generator) < self.sample_rate
+            included = self.randomness.uniform(self.num_examples) < self.sample_rate
             yield included.nonzero().flatten().tolist()

@@ -14,6 +14,10 @@ from dataclasses import dataclass
 CLIPPING_MODES = ("mixed", "ghost", "instantiate")
 CLIP_FNS = ("abadi", "automatic")
 ACCOUNTANTS = ("rdp", "prv")
+# δ as a rule of the number N of training examples. δ must be well below 1/N (a mechanism that publishes one
+# random example whole is (0, 1/N)-DP), so the default is 1/(10N); "1/N" is the paper's choice.
+DELTA_RULES = {"1/(10N)": 0.1, "1/N": 1.0}
+DEFAULT_DELTA_RULE = "1/(10N)"
 
 
 def _as_float(value: object, name: str) -> float:
@@ -90,23 +94,31 @@ class PrivacySettings:
     """What a site asks of one private run: the budget and how gradients are clipped.
 
     target_epsilon = math.inf means non-private training (clipping without noise).
-    delta = None means the paper's default δ = 1/N, N = number of training examples.
+    delta is a number in (0, 1) or a rule of the number N of training examples (`DELTA_RULES`);
+    None is the default rule δ = 1/(10N), strictly below 1/N.
+    secure_mode draws batches and noise from a CSPRNG, robust to the floating-point attack
+    (`privacy.randomness`); slower.
     """
 
     target_epsilon: float = 8.0
-    delta: float | None = None
+    delta: float | str | None = None
     max_grad_norm: float = 1.0
     clipping_mode: str = "mixed"
     clip_fn: str = "abadi"
     accountant: str = "rdp"
+    secure_mode: bool = False
 
     def __post_init__(self) -> None:
         # Frozen: normalise ints to floats through object.__setattr__.
         object.__setattr__(
             self, "target_epsilon", check_epsilon(self.target_epsilon, "target_epsilon", allow_inf=True)
         )
-        if self.delta is not None:
+        if isinstance(self.delta, str):
+            check_choice(self.delta, "delta", tuple(DELTA_RULES))
+        elif self.delta is not None:
             object.__setattr__(self, "delta", check_delta(self.delta, "delta"))
+        if not isinstance(self.secure_mode, bool):
+            raise ValueError(f"secure_mode must be True or False, got {self.secure_mode!r}")
         object.__setattr__(self, "max_grad_norm", check_max_grad_norm(self.max_grad_norm, "max_grad_norm"))
         check_choice(self.clipping_mode, "clipping_mode", CLIPPING_MODES)
         check_choice(self.clip_fn, "clip_fn", CLIP_FNS)
@@ -117,14 +129,14 @@ class PrivacySettings:
         return self.target_epsilon != math.inf
 
     def resolved_delta(self, num_examples: int) -> float:
-        """δ as set, or 1/N (the paper's choice) when unset."""
-        if self.delta is not None:
+        """δ as set, or its rule applied to N (default 1/(10N))."""
+        if isinstance(self.delta, float):
             return self.delta
-        # N = 1 would give δ = 1, which promises nothing; ask for an explicit δ instead.
+        rule = self.delta or DEFAULT_DELTA_RULE
+        # N = 1 under "1/N" would give δ = 1, which promises nothing; ask for an explicit δ instead.
         num_examples = check_count(num_examples, "num_examples", minimum=1)
-        if num_examples < 2:
-            raise ValueError(
-                "num_examples must be >= 2 for the default delta = 1/num_examples "
-                f"(delta must be < 1), got {num_examples}; set delta explicitly"
-            )
-        return 1.0 / num_examples
+        delta = DELTA_RULES[rule] / num_examples
+        if delta >= 1:
+            raise ValueError(f"num_examples must be >= 2 for delta = {rule} (delta must be < 1), got "
+                             f"{num_examples}; set delta explicitly")
+        return delta
