@@ -66,6 +66,15 @@ def load_backbone(
     ``torch.bfloat16`` to keep large frozen backbones small on a GPU. GPT-2's ``gelu_new`` runs as its fused
     kernel (``with_fused_activation``).
     """
+    model = load_model(name_or_path, task_kind, num_labels, dtype)
+    tokenizer = _from_pretrained(AutoTokenizer, resolve(name_or_path))
+    set_pad_token(model, tokenizer)
+    return model, tokenizer
+
+
+def load_model(name_or_path: str, task_kind: str, num_labels: int = 2,
+               dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """The pretrained model of ``load_backbone`` without its tokenizer (a backbone saved on its own has none)."""
     model_class = _model_class(task_kind)
     if task_kind == "classification" and num_labels < 2:
         raise ValueError(f"num_labels must be >= 2 for classification, got {num_labels}")
@@ -73,10 +82,7 @@ def load_backbone(
     config = with_fused_activation(_from_pretrained(AutoConfig, source))
     if task_kind == "classification":
         config.num_labels = num_labels
-    tokenizer = _from_pretrained(AutoTokenizer, source)
-    model = _from_pretrained(model_class, source, config=config, dtype=dtype or torch.float32)
-    set_pad_token(model, tokenizer)
-    return model, tokenizer
+    return _from_pretrained(model_class, source, config=config, dtype=dtype or torch.float32)
 
 
 def resolve(name_or_path: str) -> str:
