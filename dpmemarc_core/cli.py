@@ -101,6 +101,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from dpmemarc_core.cli_audit import add_audit_parser
+    from dpmemarc_core.cli_export import add_export_parser
     from dpmemarc_core.cli_memory import add_memory_parser
 
     parser = argparse.ArgumentParser(prog="dpmemarc", description=__doc__)
@@ -108,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_memory_parser(sub)
     add_audit_parser(sub)
+    add_export_parser(sub)
     return parser
 
 

@@ -219,9 +219,11 @@ def evaluate(model: torch.nn.Module, task, tokenizer, batch_size: int) -> dict:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """One private fine-tuning run: evaluate, train, evaluate, write summary.json and the trainable state."""
+    """One private fine-tuning run: evaluate, train, evaluate, write summary.json, the trainable state and the
+    export folder ``final/`` (see `dpmemarc_core.methods.save_pretrained`)."""
     from dpmemarc_core.data import load_task, num_labels_of, task_kind_of
-    from dpmemarc_core.methods import METHODS, apply, trainable_state_dict
+    from dpmemarc_core.export import FINAL_DIR, single_site_privacy
+    from dpmemarc_core.methods import METHODS, ModelSpec, apply, save_pretrained, trainable_state_dict
     from dpmemarc_core.models import load_backbone
 
     if cfg.method not in (*METHODS, "zo"):
@@ -237,7 +239,11 @@ def train(cfg: TrainConfig) -> dict:
     backbone, tokenizer = load_backbone(cfg.model, kind, num_labels=max(num_labels_of(cfg.task), 2))
     task = load_task(cfg.task, tokenizer, max_length=cfg.max_length, max_train=cfg.max_train,
                      max_eval=cfg.max_eval, seed=cfg.seed)
-    model = apply(backbone, cfg.zo_params if cfg.method == "zo" else cfg.method, **cfg.method_options).to(device)
+    # DPZero (zo) trains, forward-only, another method's trainable part: the export is that method's.
+    spec = ModelSpec(base_model=cfg.model, task_kind=kind, method=cfg.zo_params if cfg.method == "zo" else cfg.method,
+                     num_labels=num_labels_of(cfg.task), method_options=cfg.method_options,
+                     pad_token_id=backbone.config.pad_token_id)
+    model = apply(backbone, spec.method, **cfg.method_options).to(device)
     n = len(task.train)
     delta = privacy.resolved_delta(n)
     q = sample_rate_for(cfg.batch_size, n)
@@ -270,6 +276,7 @@ def train(cfg: TrainConfig) -> dict:
         # and are outside the (epsilon, delta) above. Nothing else in this file is computed from those examples.
         "non_private_diagnostics": {**train_stats, "train_seconds": seconds},
         "config": asdict(cfg),
+        "export": spec.to_dict(),
     }
     if cfg.output:
         out = Path(cfg.output)
@@ -277,5 +284,6 @@ def train(cfg: TrainConfig) -> dict:
         save_file({k: v.contiguous() for k, v in trainable_state_dict(model).items()},
                   str(out / "trainable.safetensors"))
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        print(f"wrote {out / 'summary.json'} and {out / 'trainable.safetensors'}", flush=True)
+        save_pretrained(model, spec, out / FINAL_DIR, single_site_privacy(summary), tokenizer)
+        print(f"wrote {out / 'summary.json'}, {out / 'trainable.safetensors'} and {out / FINAL_DIR}/", flush=True)
     return summary
