@@ -1,28 +1,25 @@
-"""Flower ClientApp of a site: local DP training of the trainable part, with a budget kept across rounds.
+"""Flower ClientApp of a site: local DP training of the trainable part, with a budget the site owns.
 
-Per round: load the global trainable state into the (process-cached) model, restore the site's
-accountant (node Context.state; after a restart, the copy the server checkpointed), refuse if the
-round would pass the site's (ε, δ), else run the local DP steps and reply with only the trainable state,
-the number of examples, ε spent so far, the step counts and peak memory.
+Per round: load the global trainable state into the (process-cached) model, read the site's accountant
+from the site's own disk (`dpmemarc_core.site_budget`; nothing the server sends is taken as a history),
+refuse if the round would pass the site's (ε, δ), else run the local DP steps, write the accountant back
+(atomically, before the reply leaves) and reply with only the trainable state, the allow-listed privacy
+facts (`REPLY_METRIC_KEYS`) and a status. Statistics of the private examples stay in the site's log.
 """
 
 from __future__ import annotations
 
-import json
+import math
+from logging import INFO
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common import log
 
 from client.task import site_for
-from dpmemarc_core.federated import (
-    FederatedConfig,
-    load_numpy_state,
-    restore_accountant,
-    run_site_round,
-    trainable_numpy_state,
-)
-
-ACCOUNTANT_STATE_KEY = "dpmemarc-accountant"  # Context.state record holding the site's accountant (JSON)
+from dpmemarc_core.federated import FederatedConfig, load_numpy_state, reply_metrics, run_site_round, trainable_numpy_state
+from dpmemarc_core.privacy.settings import check_epsilon
+from dpmemarc_core.site_budget import RUN_LINEAGE_KEY, SiteBudgetRecord, site_identity, state_dir
 
 app = ClientApp()
 
@@ -33,33 +30,30 @@ def train(msg: Message, context: Context) -> Message:
     partition_id, num_partitions = site_partition(context.node_config)
     site = site_for(cfg, partition_id, num_partitions)
     config = msg.content["config"]
-    accountant = restore_accountant(cfg.accountant, _own_accountant(context),
-                                    _server_copy(config, partition_id))
+    record = SiteBudgetRecord(state_dir(context.node_config),
+                              site_identity(context.node_config, str(config.get(RUN_LINEAGE_KEY, ""))))
+    accountant = record.load(cfg.accountant)
     load_numpy_state(site.run.model, {name: array.numpy() for name, array in msg.content["arrays"].items()})
-    outcome = run_site_round(site.run.model, site.task, cfg, site.plan, accountant, site.run.device)
-    state = json.dumps(accountant.state_dict())
-    context.state[ACCOUNTANT_STATE_KEY] = ConfigRecord({"state": state})
-    metrics = MetricRecord({
-        "partition-id": partition_id,
-        "num-examples": len(site.task.train),
-        "epsilon": outcome.epsilon,
-        "delta": site.plan.delta,
-        "noise-multiplier": site.plan.noise_multiplier,
-        "local-steps": outcome.steps,
-        "total-steps": outcome.total_steps,
-        "examples-seen": outcome.examples_seen,
-        "train-loss": outcome.train_loss,
-        "peak-memory-bytes": outcome.peak_memory_bytes,
-        "seconds": outcome.seconds,
-    })
-    site_record = {"accountant": state, "status": "trained" if outcome.trained else "budget-exhausted"}
-    content = RecordDict({"metrics": metrics})
+    outcome = run_site_round(site.run.model, site.task, cfg, site.plan, accountant, site.run.device,
+                             max_epsilon=site_max_epsilon(context.node_config))
+    record.save(accountant)  # durable before anything of this round leaves the site
+    if outcome.local_diagnostics:
+        log(INFO, "site round (stays on this site): %s", outcome.local_diagnostics)
+    status = {"status": "trained" if outcome.trained else "budget-exhausted"}
+    content = RecordDict({"metrics": MetricRecord(reply_metrics(outcome, site.plan))})
     if outcome.trained:
         content["arrays"] = ArrayRecord({n: Array(a) for n, a in trainable_numpy_state(site.run.model).items()})
     else:
-        site_record["reason"] = outcome.refusal_reason(cfg.target_epsilon, site.plan.delta)
-    content["site"] = ConfigRecord(site_record)
+        status["reason"] = outcome.refusal_reason(min(cfg.target_epsilon, site_max_epsilon(context.node_config)),
+                                                  site.plan.delta)
+    content["site"] = ConfigRecord(status)
     return Message(content, reply_to=msg)
+
+
+def site_max_epsilon(node_config: dict) -> float:
+    """The site's own cap on ε (node config ``max-epsilon``), below any run's target; default none."""
+    value = node_config.get("max-epsilon")
+    return math.inf if value is None else check_epsilon(value, "node config 'max-epsilon'")
 
 
 def site_partition(node_config: dict) -> tuple[int, int]:
@@ -77,14 +71,3 @@ def site_partition(node_config: dict) -> tuple[int, int]:
         raise ValueError(f"node config partition-id must be in [0, num-partitions - 1 = {num_partitions - 1}], "
                          f"got {partition_id}")
     return partition_id, num_partitions
-
-
-def _own_accountant(context: Context) -> str | None:
-    record = context.state.config_records.get(ACCOUNTANT_STATE_KEY)
-    return None if record is None else record["state"]
-
-
-def _server_copy(config: ConfigRecord, partition_id: int) -> str | None:
-    """The server sends every site's checkpointed accountant as one JSON object keyed by partition-id."""
-    copies = json.loads(config.get("accountants", "{}"))
-    return copies.get(str(partition_id))

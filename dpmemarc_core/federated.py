@@ -6,8 +6,9 @@ Flower, so every step can be driven and tested directly.
 
 Privacy model: each site is its own DP unit. Its noise multiplier is fixed before the first round from
 the planned total number of local steps (rounds × local steps) at its own sampling rate, and its
-accountant composes every step it ever takes in the run. A round that would push the site past its
-(target ε, δ) is refused, not trained.
+accountant (kept on the site's own disk, `site_budget`) composes every step it ever takes. A round that
+would push the site past its (target ε, δ) is refused, not trained. The reply says only
+`REPLY_METRIC_KEYS` about the round.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class FederatedConfig:
     """The run config of a federated run (`[tool.flwr.app.config]`, keys with dashes).
 
     Defaults equal pyproject.toml's (a test keeps them in step). Zero means "unset" where TOML has no
-    null: ``delta = 0`` is 1/N of each site, ``physical-batch-size = 0`` is the whole batch at once,
+    null: ``delta = 0`` is 1/(10N) of each site (N its number of examples), ``physical-batch-size = 0`` is the whole batch at once,
     ``max-train = 0`` / ``max-eval = 0`` keep every example.
     """
 
@@ -60,6 +61,7 @@ class FederatedConfig:
     clipping_mode: str = "mixed"
     clip_fn: str = "abadi"
     accountant: str = "rdp"
+    secure_mode: bool = False
     partitioning: str = "iid"
     dirichlet_alpha: float = 0.3
     max_length: int = 48
@@ -87,7 +89,7 @@ class FederatedConfig:
             raise ValueError(f"client-dp-noise-multiplier must satisfy 0 <= value < inf, "
                              f"got {self.client_dp_noise_multiplier!r}")
         if self.delta != 0 and not 0 < self.delta < 1:
-            raise ValueError(f"delta must be 0 (= 1/N of each site) or satisfy 0 < value < 1, got {self.delta!r}")
+            raise ValueError(f"delta must be 0 (= 1/(10N) of each site) or satisfy 0 < value < 1, got {self.delta!r}")
         if self.zo_params not in ZO_PARAM_METHODS:
             raise ValueError(f"zo-params must be one of {ZO_PARAM_METHODS}, got {self.zo_params!r}")
         if self.partitioning not in PARTITIONINGS:
@@ -122,7 +124,7 @@ class FederatedConfig:
     def privacy_settings(self) -> PrivacySettings:
         return PrivacySettings(target_epsilon=self.target_epsilon, delta=self.delta or None,
                                max_grad_norm=self.max_grad_norm, clipping_mode=self.clipping_mode,
-                               clip_fn=self.clip_fn, accountant=self.accountant)
+                               clip_fn=self.clip_fn, accountant=self.accountant, secure_mode=self.secure_mode)
 
     @property
     def planned_local_steps(self) -> int:
@@ -224,35 +226,52 @@ def plan_site(cfg: FederatedConfig, num_examples: int) -> SitePlan:
 
 @dataclass(frozen=True)
 class SiteRound:
-    """What one site did in one round. ``trained`` is False when the round was refused for the budget."""
+    """What one site did in one round. ``trained`` is False when the round was refused for the budget.
+
+    ``local_diagnostics`` (mean training loss, realised batch sizes, peak memory, seconds) are computed from
+    the private examples without noise: the site may log them, they never go into its reply.
+    """
 
     trained: bool
     epsilon: float
     epsilon_if_trained: float
     steps: int
     total_steps: int
-    examples_seen: int
-    train_loss: float
-    peak_memory_bytes: int
-    seconds: float
+    local_diagnostics: dict
 
     def refusal_reason(self, target_epsilon: float, delta: float) -> str:
         return (f"budget exhausted: {self.total_steps} steps spent epsilon={self.epsilon:.4g}; another round "
                 f"would reach epsilon={self.epsilon_if_trained:.4g} > target {target_epsilon:g} at delta={delta:.3g}")
 
 
+# What a site's reply may say about its round: the privacy it has spent and the public facts of its plan.
+# Each value follows from the run config, the site's N (the usual public count) and its accountant, never
+# from which examples were sampled or what they contain (docs/FEDERATED.md, "What leaves a site").
+REPLY_METRIC_KEYS = ("num-examples", "epsilon", "delta", "noise-multiplier", "sample-rate", "planned-steps",
+                     "local-steps", "total-steps")
+
+
+def reply_metrics(outcome: SiteRound, plan: SitePlan) -> dict[str, int | float]:
+    """The reply's metrics, exactly ``REPLY_METRIC_KEYS``."""
+    return {"num-examples": plan.num_examples, "epsilon": outcome.epsilon, "delta": plan.delta,
+            "noise-multiplier": plan.noise_multiplier, "sample-rate": plan.sample_rate,
+            "planned-steps": plan.planned_steps, "local-steps": outcome.steps, "total-steps": outcome.total_steps}
+
+
 def run_site_round(model: nn.Module, task: Task, cfg: FederatedConfig, plan: SitePlan,
-                   accountant: PrivacyAccountant, device: torch.device) -> SiteRound:
+                   accountant: PrivacyAccountant, device: torch.device,
+                   max_epsilon: float = math.inf) -> SiteRound:
     """``cfg.local_steps`` DP steps on the site's examples, recorded in ``accountant``; or none at all if
-    they would take the site past its budget (then ``trained`` is False and nothing changes)."""
+    they would take the site past its budget (then ``trained`` is False and nothing changes). The budget is
+    the run's target ε, or the site's own ``max_epsilon`` if that is lower."""
     privacy = cfg.privacy_settings()
     if privacy.is_private:
+        budget = min(privacy.target_epsilon, max_epsilon)
         epsilon_next = accountant.epsilon_if(plan.noise_multiplier, plan.sample_rate, cfg.local_steps, plan.delta)
-        if epsilon_next > privacy.target_epsilon * (1 + BUDGET_SLACK):
+        if epsilon_next > budget * (1 + BUDGET_SLACK):
             return SiteRound(trained=False, epsilon=accountant.get_epsilon(plan.delta),
-                             epsilon_if_trained=epsilon_next, steps=0,
-                             total_steps=accountant.steps, examples_seen=0, train_loss=math.nan,
-                             peak_memory_bytes=0, seconds=0.0)
+                             epsilon_if_trained=epsilon_next, steps=0, total_steps=accountant.steps,
+                             local_diagnostics={})
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     # Batches and noise come from the trainer's OS-entropy streams: the run config (and any seed in it) is
@@ -267,9 +286,10 @@ def run_site_round(model: nn.Module, task: Task, cfg: FederatedConfig, plan: Sit
         if getattr(trainer, "engine", None) is not None:
             trainer.engine.detach()  # the model is reused next round; a new trainer hooks it again
     epsilon = accountant.get_epsilon(plan.delta) if privacy.is_private else math.inf
+    diagnostics = {"train_loss": stats["train_loss"], "examples_seen": stats["examples"],
+                   "peak_memory_bytes": peak_memory_bytes(device), "seconds": time.perf_counter() - start}
     return SiteRound(trained=True, epsilon=epsilon, epsilon_if_trained=epsilon, steps=stats["steps"],
-                     total_steps=accountant.steps, examples_seen=stats["examples"], train_loss=stats["train_loss"],
-                     peak_memory_bytes=peak_memory_bytes(device), seconds=time.perf_counter() - start)
+                     total_steps=accountant.steps, local_diagnostics=diagnostics)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -278,19 +298,6 @@ def peak_memory_bytes(device: torch.device) -> int:
         return int(torch.cuda.max_memory_allocated(device))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)  # Linux reports KiB, macOS bytes
-
-
-def restore_accountant(kind: str, *states: str | None) -> PrivacyAccountant:
-    """The accountant with the longest history among JSON ``states`` (absent ones skipped), else a new one.
-
-    A site may hold its own copy and receive the server's checkpointed copy after a restart; taking the
-    longer never under-counts steps already taken.
-    """
-    candidates = [PrivacyAccountant.from_state_dict(json.loads(s)) for s in states if s]
-    for accountant in candidates:
-        if accountant.kind != kind:
-            raise ValueError(f"accountant state is of kind {accountant.kind!r}, the run uses {kind!r}")
-    return max(candidates, key=lambda a: a.steps, default=None) or PrivacyAccountant(kind)
 
 
 # ---- the trainable state on the wire ---------------------------------------------------------------------

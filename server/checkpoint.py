@@ -1,13 +1,15 @@
-"""The run's output directory: one checkpoint per round, the sites' accountants, and metrics.jsonl.
+"""The run's output directory: one checkpoint per round, the run's lineage token, and metrics.jsonl.
 
 Layout of ``<output-dir>``:
+  run-lineage                    a random token naming this run and its resumptions (sent to the sites,
+                                 whose simulated shares keep their privacy records per lineage)
   round-<k>.safetensors          global trainable state after round k (nothing else of the model)
-  round-<k>.accountants.json     each site's accountant state after round k, keyed by partition-id
   metrics.jsonl                  one JSON object per round (round 0: the starting model)
 
-A round counts as done once its .safetensors file exists: the accountants file and the metrics line are
-written before it, so a run killed at any point resumes from a consistent round, and metrics lines of
-a round that never finished are dropped on resume.
+The sites' accountants are not here: each site keeps its own on its own disk (`dpmemarc_core.site_budget`).
+A round counts as done once its .safetensors file exists: the metrics line is written before it, so a run
+killed at any point resumes from a consistent round, and metrics lines of a round that never finished are
+dropped on resume.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import math
 import os
 import re
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,30 +28,32 @@ from safetensors.numpy import load_file, save_file
 
 CHECKPOINT = re.compile(r"^round-(\d+)\.safetensors$")
 METRICS_FILE = "metrics.jsonl"
+LINEAGE_FILE = "run-lineage"
 
 
 @dataclass
 class Checkpoint:
     round: int
     state: dict[str, np.ndarray]
-    accountants: dict[str, str]  # partition-id -> accountant state (JSON)
 
 
 def checkpoint_path(output_dir: Path, server_round: int) -> Path:
     return Path(output_dir) / f"round-{server_round}.safetensors"
 
 
-def accountants_path(output_dir: Path, server_round: int) -> Path:
-    return Path(output_dir) / f"round-{server_round}.accountants.json"
+def run_lineage(output_dir: Path) -> str:
+    """The output directory's lineage token, made (randomly) the first time a run writes there."""
+    path = Path(output_dir) / LINEAGE_FILE
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, (secrets.token_hex(16) + "\n").encode())
+    return path.read_text(encoding="utf-8").strip()
 
 
-def save_round(output_dir: Path, server_round: int, state: Mapping[str, np.ndarray],
-               accountants: Mapping[str, str], metrics: Mapping) -> None:
-    """Write round ``server_round``: accountants, the metrics line, then the checkpoint that marks it done."""
+def save_round(output_dir: Path, server_round: int, state: Mapping[str, np.ndarray], metrics: Mapping) -> None:
+    """Write round ``server_round``: the metrics line, then the checkpoint that marks it done."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(accountants_path(output_dir, server_round),
-                  (json.dumps(dict(accountants), indent=1, sort_keys=True) + "\n").encode())
     append_metrics(output_dir, metrics)
     tmp = checkpoint_path(output_dir, server_round).with_suffix(".tmp")
     save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp),
@@ -77,9 +82,7 @@ def latest_checkpoint(output_dir: Path) -> Checkpoint | None:
     if not rounds:
         return None
     last = max(rounds)
-    accountants_file = accountants_path(output_dir, last)
-    accountants = json.loads(accountants_file.read_text(encoding="utf-8")) if accountants_file.is_file() else {}
-    return Checkpoint(round=last, state=load_file(str(checkpoint_path(output_dir, last))), accountants=accountants)
+    return Checkpoint(round=last, state=load_file(str(checkpoint_path(output_dir, last))))
 
 
 def drop_metrics_after(output_dir: Path, last_round: int) -> None:

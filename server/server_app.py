@@ -7,7 +7,6 @@ numbers and every round's outcome — including rejected updates and skipped rou
 
 from __future__ import annotations
 
-import json
 import time
 from logging import INFO
 from pathlib import Path
@@ -18,7 +17,8 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from dpmemarc_core.federated import FederatedConfig, build_run_model, evaluate_numpy_state, trainable_numpy_state
-from server.checkpoint import append_metrics, drop_metrics_after, latest_checkpoint, save_round
+from dpmemarc_core.site_budget import RUN_LINEAGE_KEY
+from server.checkpoint import append_metrics, drop_metrics_after, latest_checkpoint, run_lineage, save_round
 from server.strategy import build_strategy
 from server.validation import update_problem
 
@@ -42,7 +42,7 @@ def run_rounds(grid: Grid, cfg: FederatedConfig) -> None:
 
     checkpoint = latest_checkpoint(output_dir)
     if checkpoint is None:
-        state, accountants, first_round = reference, {}, 1
+        state, first_round = reference, 1
         output_dir.mkdir(parents=True, exist_ok=True)
         drop_metrics_after(output_dir, -1)  # lines of a run killed before its first checkpoint
         start = evaluate_numpy_state(run, state, eval_batch)
@@ -53,14 +53,15 @@ def run_rounds(grid: Grid, cfg: FederatedConfig) -> None:
         if problem is not None:
             raise ValueError(f"{output_dir} holds round-{checkpoint.round} of a run whose trainable state does not "
                              f"fit this run's model ({problem}); choose another output-dir")
-        state, accountants, first_round = checkpoint.state, checkpoint.accountants, checkpoint.round + 1
+        state, first_round = checkpoint.state, checkpoint.round + 1
         drop_metrics_after(output_dir, checkpoint.round)
-        log(INFO, "resuming after round %d from %s (accountants of partitions %s)", checkpoint.round, output_dir,
-            sorted(accountants))
+        log(INFO, "resuming after round %d from %s (the sites resume their own privacy records)", checkpoint.round,
+            output_dir)
     if first_round > cfg.num_server_rounds:
         log(INFO, "all %d rounds are already done in %s", cfg.num_server_rounds, output_dir)
         return
 
+    lineage = run_lineage(output_dir)
     strategy = build_strategy(cfg)
     strategy.summary()
     skipped = []
@@ -68,26 +69,27 @@ def run_rounds(grid: Grid, cfg: FederatedConfig) -> None:
         log(INFO, "[ROUND %d/%d]", server_round, cfg.num_server_rounds)
         started = time.perf_counter()
         arrays = ArrayRecord({name: Array(value) for name, value in state.items()})
-        config = ConfigRecord({"accountants": json.dumps(accountants)})
+        # Each site gets the same config, and nothing about other sites (nor any privacy history: a site's
+        # budget is kept by the site alone).
+        config = ConfigRecord({RUN_LINEAGE_KEY: lineage})
         replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, config, grid),
                                         timeout=cfg.round_timeout)
         aggregated, _ = strategy.aggregate_train(server_round, replies)
         report = strategy.reports.pop(server_round)
         if aggregated is not None:
             state = {name: np.asarray(array.numpy()) for name, array in aggregated.items()}
-        accountants = {**accountants, **report.accountants}
         evaluation = evaluate_numpy_state(run, state, eval_batch)
         record = {
             "round": server_round, "skipped": report.skipped, "accepted": report.accepted,
             "accuracy": evaluation.get("accuracy"), "eval": evaluation,
-            "epsilon": {str(c["partition-id"]): c.get("epsilon") for c in report.clients if "partition-id" in c},
+            "epsilon": {str(c["node"]): c.get("epsilon") for c in report.clients if "epsilon" in c},
             "clients": report.clients, "rejected": report.rejected, "dropped": report.dropped,
             "update-bytes": update_bytes, "seconds": time.perf_counter() - started,
         }
-        save_round(output_dir, server_round, state, accountants, record)
+        save_round(output_dir, server_round, state, record)
         if report.skipped:
             skipped.append(report)
-        log(INFO, "round %d: %d accepted, %d rejected, %d dropped%s; eval %s; per-site epsilon %s", server_round,
+        log(INFO, "round %d: %d accepted, %d rejected, %d dropped%s; eval %s; epsilon by node %s", server_round,
             report.accepted, len(report.rejected), len(report.dropped), " (skipped)" if report.skipped else "",
             evaluation, record["epsilon"])
     if len(skipped) == cfg.num_server_rounds - first_round + 1:

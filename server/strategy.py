@@ -19,7 +19,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, Strategy
 
-from dpmemarc_core.federated import FederatedConfig
+from dpmemarc_core.federated import REPLY_METRIC_KEYS, FederatedConfig
 from server.validation import update_norm, update_problem
 
 WEIGHT_KEY = "aggregation-weight"  # set by the server on each valid reply, never taken from a site
@@ -34,7 +34,6 @@ class RoundReport:
     clients: list[dict] = field(default_factory=list)
     rejected: list[dict] = field(default_factory=list)
     dropped: list[int] = field(default_factory=list)
-    accountants: dict[str, str] = field(default_factory=dict)  # partition-id -> accountant state (JSON)
     skipped: bool = False
 
     @property
@@ -106,19 +105,15 @@ class ValidatedUpdates(Strategy):
         site = content.config_records.get(SITE_KEY)
         entry = {"node": node, **_site_fields(metrics)}
         report.clients.append(entry)
-        if site is not None and "partition-id" in entry and isinstance(site.get("accountant"), str):
-            report.accountants[str(entry["partition-id"])] = site["accountant"]
         if site is not None and site.get("status") == "budget-exhausted":
             entry["status"] = "budget-exhausted"
-            log(INFO, "round %d: node %d (partition %s) is out of privacy budget: %s", report.round, node,
-                entry.get("partition-id"), site.get("reason"))
+            log(INFO, "round %d: node %d is out of privacy budget: %s", report.round, node, site.get("reason"))
             return False
         problem, arrays = self._problem(content, metrics)
         if problem is not None:
             entry["status"] = "rejected"
-            report.rejected.append({"node": node, "partition-id": entry.get("partition-id"), "reason": problem})
-            log(WARNING, "round %d: rejected the update of node %d (partition %s): %s", report.round, node,
-                entry.get("partition-id"), problem)
+            report.rejected.append({"node": node, "reason": problem})
+            log(WARNING, "round %d: rejected the update of node %d: %s", report.round, node, problem)
             return False
         entry["status"] = "accepted"
         # Re-pack in the global state's order: Flower's DP clipping pairs tensors by position.
@@ -156,10 +151,8 @@ class ValidatedUpdates(Strategy):
 def _site_fields(metrics: MetricRecord | None) -> dict:
     if metrics is None:
         return {}
-    names = {"partition-id": "partition-id", "epsilon": "epsilon", "num-examples": "examples",
-             "local-steps": "local-steps", "total-steps": "total-steps", "peak-memory-bytes": "peak-memory-bytes",
-             "train-loss": "train-loss", "seconds": "seconds"}
-    return {out: metrics[key] for key, out in names.items() if key in metrics}
+    # What metrics.jsonl keeps of a reply: the allow-listed privacy facts (dpmemarc_core.federated.REPLY_METRIC_KEYS).
+    return {key: metrics[key] for key in REPLY_METRIC_KEYS if key in metrics}
 
 
 def build_strategy(cfg: FederatedConfig) -> ValidatedUpdates:

@@ -92,7 +92,7 @@ def main() -> None:
         results[name] = {
             "sites": sites, "partitioning": partitioning, "accuracy": [m["accuracy"] for m in metrics],
             "eval_loss": [m["eval"]["loss"] for m in metrics], "epsilon_per_site": last.get("epsilon"),
-            "examples_per_site": {str(c["partition-id"]): c.get("examples") for c in last.get("clients", [])},
+            "examples_per_site": {str(c["node"]): c.get("num-examples") for c in last.get("clients", [])},
             **timing, "run_config": run_config,
         }
         print(f"{name}: accuracy per round {[round(a, 4) for a in results[name]['accuracy']]}", flush=True)

@@ -17,7 +17,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from dpmemarc_core.federated import FederatedConfig
-from server.checkpoint import drop_metrics_after, latest_checkpoint, read_metrics, save_round
+from server.checkpoint import drop_metrics_after, latest_checkpoint, read_metrics, run_lineage, save_round
 from server.strategy import build_strategy
 from server.validation import update_norm, update_problem
 
@@ -69,10 +69,9 @@ def shifted(delta: float, seed: int) -> dict[str, np.ndarray]:
 
 
 def reply(instruction: Message, arrays: dict[str, np.ndarray] | None, examples: int = 10,
-          partition_id: int = 0, status: str = "trained") -> Message:
-    content = RecordDict({"metrics": MetricRecord({"num-examples": examples, "partition-id": partition_id,
-                                                   "epsilon": 1.5}),
-                          "site": ConfigRecord({"status": status, "accountant": f'{{"p": {partition_id}}}'})})
+          status: str = "trained") -> Message:
+    content = RecordDict({"metrics": MetricRecord({"num-examples": examples, "epsilon": 1.5}),
+                          "site": ConfigRecord({"status": status})})
     if arrays is not None:
         content["arrays"] = ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
     return Message(content, reply_to=instruction)
@@ -161,18 +160,17 @@ def test_a_failed_reply_and_a_missing_one_leave_the_others_aggregated():
     assert report.rejected == [{"node": 13, "reason": "client error: ClientApp raised MemoryError"}]
 
 
-def test_a_site_out_of_budget_is_left_out_but_its_accountant_kept():
+def test_a_site_out_of_budget_is_left_out_and_its_epsilon_recorded():
     strategy = build_strategy(config(min_valid_replies=1))
     sent = start_round(strategy, [11, 12])
-    replies = [reply(sent[11], shifted(0.1, 1), partition_id=0),
-               reply(sent[12], None, partition_id=1, status="budget-exhausted")]
+    replies = [reply(sent[11], shifted(0.1, 1)), reply(sent[12], None, status="budget-exhausted")]
 
     arrays, _ = strategy.aggregate_train(1, replies)
 
     np.testing.assert_allclose(arrays["lora_A"].numpy(), shifted(0.1, 1)["lora_A"], rtol=1e-6)
     report = strategy.reports[1]
     assert [c["status"] for c in report.clients] == ["accepted", "budget-exhausted"]
-    assert report.rejected == [] and report.accountants == {"0": '{"p": 0}', "1": '{"p": 1}'}
+    assert report.rejected == [] and [c["epsilon"] for c in report.clients] == [1.5, 1.5]
 
 
 def test_client_level_dp_clips_each_update_and_weights_sites_equally():
@@ -210,15 +208,16 @@ def test_client_level_dp_noise_has_the_calibrated_scale():
 
 def test_checkpoints_resume_from_the_last_complete_round(tmp_path):
     first, second = shifted(0.1, 1), shifted(0.1, 2)
-    save_round(tmp_path, 1, first, {"0": "a0"}, {"round": 1, "epsilon": {"0": math.inf}})
-    save_round(tmp_path, 2, second, {"0": "a1", "1": "b1"}, {"round": 2, "accuracy": 0.5})
+    lineage = run_lineage(tmp_path)
+    save_round(tmp_path, 1, first, {"round": 1, "epsilon": {"0": math.inf}})
+    save_round(tmp_path, 2, second, {"round": 2, "accuracy": 0.5})
     # A run killed after writing round 3's metrics line but before its checkpoint.
-    (tmp_path / "round-3.accountants.json").write_text("{}")
     with open(tmp_path / "metrics.jsonl", "a") as out:
         out.write(json.dumps({"round": 3}) + "\n")
 
     checkpoint = latest_checkpoint(tmp_path)
-    assert checkpoint.round == 2 and checkpoint.accountants == {"0": "a1", "1": "b1"}
+    assert checkpoint.round == 2
+    assert run_lineage(tmp_path) == lineage and len(lineage) == 32 and lineage != run_lineage(tmp_path / "other")
     for name in GLOBAL:
         np.testing.assert_array_equal(checkpoint.state[name], second[name])
     drop_metrics_after(tmp_path, checkpoint.round)
