@@ -103,11 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     from dpmemarc_core.cli_audit import add_audit_parser
     from dpmemarc_core.cli_export import add_export_parser
     from dpmemarc_core.cli_memory import add_memory_parser
+    from dpmemarc_core.cli_plan import add_plan_parser
 
     parser = argparse.ArgumentParser(prog="dpmemarc", description=__doc__)
     sub = parser.add_subparsers(dest="command")
     add_train_parser(sub)
     add_memory_parser(sub)
+    add_plan_parser(sub)
     add_audit_parser(sub)
     add_export_parser(sub)
     return parser

@@ -6,22 +6,9 @@ import argparse
 import json
 import sys
 
-from dpmemarc_core.cli_args import epsilon_arg
+from dpmemarc_core.cli_args import epsilon_arg, positive_int
 from dpmemarc_core.memory import DEVICES, ENGINES, PRECISIONS, MemorySpec, format_report, step_memory
 from dpmemarc_core.train import ZO_PARAM_METHODS
-
-
-def _positive_int(name: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer >= 1, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer >= 1, got {text!r}")
-        return value
-
-    return parse
 
 
 def _method_option(text: str) -> tuple[str, object]:
@@ -49,8 +36,8 @@ def add_memory_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--method", required=True, help="full, lora, adapter, bitfit, side, rev, zo (DPZero)")
     p.add_argument("--zo-params", choices=list(ZO_PARAM_METHODS), default=d.zo_params,
                    help="method zo: whose trainable part DPZero perturbs")
-    p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=d.batch_size)
-    p.add_argument("--seq-len", type=_positive_int("--seq-len"), default=d.seq_len)
+    p.add_argument("--batch-size", type=positive_int("--batch-size"), default=d.batch_size)
+    p.add_argument("--seq-len", type=positive_int("--seq-len"), default=d.seq_len)
     p.add_argument("--precision", choices=list(PRECISIONS), default=d.precision,
                    help="bf16/fp16: frozen weights in that dtype, trainable ones fp32, autocast forward; "
                         "amp-bf16: all weights fp32, autocast bf16; fp32: no autocast")

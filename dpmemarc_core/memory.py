@@ -44,7 +44,7 @@ from transformers import PretrainedConfig
 
 import dpmemarc_core.privacy as privacy_package
 from dpmemarc_core.memory_tracker import ROLES, StorageTracker
-from dpmemarc_core.models import build_from_config, published_config
+from dpmemarc_core.models import TASK_KINDS, build_from_config, published_config
 from dpmemarc_core.privacy import PrivacySettings
 from dpmemarc_core.train import ZO_PARAM_METHODS, PrivateTrainer, StepStats
 
@@ -85,6 +85,8 @@ class MemorySpec:
     attn_implementation: str | None = None  # None: the model's default (sdpa)
     seed: int = 0
     zo_params: str = "full"  # method "zo" perturbs the trainable part of this method: full, lora or bitfit
+    task_kind: str | None = None  # None: classification for encoder families, generation otherwise
+    num_labels: int = 2  # classification only
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "seq_len"):
@@ -93,6 +95,10 @@ class MemorySpec:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.task_kind is not None and self.task_kind not in TASK_KINDS:
+            raise ValueError(f"task_kind must be one of {', '.join(TASK_KINDS)} or None, got {self.task_kind!r}")
+        if isinstance(self.num_labels, bool) or not isinstance(self.num_labels, int) or self.num_labels < 2:
+            raise ValueError(f"num_labels must be an integer >= 2, got {self.num_labels!r}")
         if self.device is not None and self.device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.engine not in ENGINES:
@@ -213,10 +219,11 @@ def _backbone(spec: MemorySpec) -> tuple[PretrainedConfig, str, torch.device, to
     config = published_config(spec.model)
     if spec.attn_implementation is not None:
         config._attn_implementation = spec.attn_implementation
-    kind = task_kind_of(config)
+    kind = spec.task_kind or task_kind_of(config)
     device = torch.device(spec.resolved_device)
     torch.manual_seed(spec.seed)
-    model = build_from_config(config, kind, num_labels=2, device=device, dtype=PRECISIONS[spec.precision][0])
+    model = build_from_config(config, kind, num_labels=spec.num_labels, device=device,
+                              dtype=PRECISIONS[spec.precision][0])
     return config, kind, device, model
 
 
@@ -234,7 +241,7 @@ def _stepper(model: torch.nn.Module, spec: MemorySpec, batch: dict[str, torch.Te
     if spec.engine == "opacus":
         from dpmemarc_core.memory_opacus import OpacusStep, opacus_dir
 
-        if "position_ids" not in batch and task_kind_of(model.config) == "generation":
+        if "position_ids" not in batch and batch["labels"].dim() == 2:  # a causal LM's batch
             # HF builds position ids with batch size 1; Opacus needs one row per example.
             batch = {**batch, "position_ids": torch.arange(spec.seq_len).expand(spec.batch_size, -1)}
         device = next(model.parameters()).device
