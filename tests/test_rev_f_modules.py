@@ -1,4 +1,4 @@
-"""The reversible network's F variants (`f_module`): trainable parts, start point, inversion, BK, memory, errors."""
+"""The reversible network's F variants (`f_module`): trainable parts, start point, replayed backward, BK, memory, errors."""
 
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def test_dylora_reversible_backward_replays_the_drawn_rank(family):
     assert any((other[n] - want[n]).abs().max() > 1e-6 for n in want)
 
 
-# ---- inversion and BK clipping -------------------------------------------------------------------
+# ---- replayed backward and BK clipping -----------------------------------------------------------
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("f_module", ["parallel_adapter", "prefix"])

@@ -1,4 +1,6 @@
-"""The reversible network (`rev`): inversion, gradients, BK clipping, start point, memory, training."""
+"""The reversible network (`rev`): replayed backward, gradients, BK clipping, start point, memory, training.
+
+Tiny float64 models of every family; the real-depth and real-model checks are in test_rev_replay.py."""
 
 from __future__ import annotations
 
@@ -65,8 +67,7 @@ def stack_of(model: nn.Module) -> ReversibleStack:
 def reversible(family: str, layers: int = 2, dropout: float = 0.0, **options) -> nn.Module:
     """A rev model whose trainable parameters are moved off their zero start, so every gradient is non-trivial.
 
-    One reversible segment unless asked otherwise: the inversion is what these tests check (float64)."""
-    options.setdefault("segment_size", None)
+    Default segments (⌈√L⌉ blocks): with two blocks, one segment whose bottom block is replayed."""
     model = apply_rev(build(family, layers, dropout), r=4, **options)
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():
@@ -89,7 +90,7 @@ def test_only_lora_adapters_and_head_train(family):
     assert len(stack_of(model).blocks) == 2
 
 
-@pytest.mark.parametrize("options, field", [({"r": 0}, "r"), ({"x1_factor": 0.0}, "x1_factor"),
+@pytest.mark.parametrize("options, field", [({"r": 0}, "r"), ({"x1_factor": -0.1}, "x1_factor"),
                                             ({"x2_factor": 1.5}, "x2_factor"), ({"adapter_size": -1}, "adapter_size"),
                                             ({"lora_alpha": 0}, "lora_alpha"), ({"segment_size": 0}, "segment_size")])
 def test_bad_options_name_the_field(options, field):
@@ -105,37 +106,40 @@ def test_refuses_unknown_family_and_second_application():
         apply_rev(model, r=4)
 
 
-# ---- inversion and gradients ---------------------------------------------------------------------
+# ---- replay and gradients ------------------------------------------------------------------------
 
 def record_streams(stack: ReversibleStack, monkeypatch) -> tuple[list, list]:
-    """Test-only taps: each block's input streams in forward, and what the backward reconstructs."""
-    stored, rebuilt = [], []
+    """Test-only taps: every block's (x², y¹) as the forward and the replays compute them, and the (x², y¹)
+    each backward step recomputes its sub-layers at."""
+    computed, used = [], []
     couple, backward_step = stack.couple, stack.backward_step
 
-    def recording_couple(block, x1, x2, call, rng=None):
-        stored.append((x1.clone(), x2.clone()))
-        return couple(block, x1, x2, call, rng)
+    def recording_couple(block, x1, x2, call, randomness=None):
+        y1, y2 = couple(block, x1, x2, call, randomness)
+        computed.append((x2.clone(), y1.clone()))
+        return y1, y2
 
-    def recording_backward_step(*args):
-        out = backward_step(*args)
-        rebuilt.insert(0, (out[0].clone(), out[1].clone()))
-        return out
+    def recording_backward_step(block, x2, y1, *args):
+        used.insert(0, (x2.clone(), y1.clone()))
+        return backward_step(block, x2, y1, *args)
 
     monkeypatch.setattr(stack, "couple", recording_couple)
     monkeypatch.setattr(stack, "backward_step", recording_backward_step)
-    return stored, rebuilt
+    return computed, used
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_backward_reconstructs_the_stored_inputs(family, monkeypatch):
-    # Each inversion divides by λ and β: round-off grows about 1/(λβ) = 100× per block going down.
-    model = reversible(family, layers=2)
-    stored, rebuilt = record_streams(stack_of(model), monkeypatch)
+def test_backward_recomputes_at_the_forwards_exact_streams(family, monkeypatch):
+    # Five blocks in segments of two (0-1, 2-3, 4): stored pairs, replayed blocks and a one-block top segment.
+    model = reversible(family, layers=5, segment_size=2).float()
+    stack = stack_of(model)
+    computed, used = record_streams(stack, monkeypatch)
     loss_fn(model, batch_for(family)).sum().backward()
-    assert len(stored) == len(rebuilt) == 2
-    for (x1, x2), (r1, r2) in zip(stored, rebuilt):
-        torch.testing.assert_close(r1, x1, rtol=0, atol=1e-10)
-        torch.testing.assert_close(r2, x2, rtol=0, atol=1e-10)
+    forward, replayed = computed[:5], computed[5:]
+    assert len(used) == 5 and len(replayed) == 2  # blocks 0 and 2 re-run; 1, 3, 4 start from stored tensors
+    for (x2, y1), (u2, v1) in zip(forward, used):
+        assert torch.equal(u2, x2) and torch.equal(v1, y1)  # bit for bit: nothing was inverted
+    assert torch.equal(replayed[0][1], forward[2][1]) and torch.equal(replayed[1][1], forward[0][1])
 
 
 def gradients(model: nn.Module, family: str, reversible_backward: bool, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -172,9 +176,10 @@ def test_dropout_masks_are_replayed_in_the_backward():
     assert any((gradients(model, "gpt2", False, seed=6)[n] - want[n]).abs().max() > 1e-6 for n in want)
 
 
-def test_segment_boundaries_keep_gradients_exact():
-    model = reversible("llama", layers=4, segment_size=2)
-    assert stack_of(model).segment_starts() == [2]
+@pytest.mark.parametrize("segment_size", [1, 2, 3, 4])
+def test_every_segment_size_keeps_gradients_exact(segment_size):
+    model = reversible("llama", layers=4, segment_size=segment_size)
+    assert stack_of(model).segment_starts() == list(range(0, 4, segment_size))
     assert_same_gradients(gradients(model, "llama", True), gradients(model, "llama", False))
 
 
@@ -225,6 +230,14 @@ def test_start_point_approaches_the_pretrained_model_linearly_in_the_factors(fam
     assert relative_logit_change(family) < 1.0  # MEFT's λ = β = 0.1: close, not equal
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_zero_factors_start_at_the_pretrained_model_and_still_train(family):
+    # Nothing divides by λ or β any more, so 0 is a valid choice: y¹ = attn_sublayer(x²), y² = mlp_sublayer(y¹).
+    assert relative_logit_change(family, x1_factor=0, x2_factor=0) < 1e-14
+    model = reversible(family, x1_factor=0, x2_factor=0)
+    assert_same_gradients(gradients(model, family, True), gradients(model, family, False))
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_residual_hand_over_starts_closer_than_meft_full_residual(family, monkeypatch):
     compensated = relative_logit_change(family)
@@ -252,23 +265,26 @@ def saved_by_forward(model: nn.Module, family: str) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_autograd_keeps_activations_constant_in_depth(family):
-    shallow, deep = reversible(family, layers=2), reversible(family, layers=6)
-    assert saved_by_forward(shallow, family) == saved_by_forward(deep, family)
-    stack_of(shallow).reversible = stack_of(deep).reversible = False
-    assert saved_by_forward(deep, family)[0] > saved_by_forward(shallow, family)[0]  # the test can fail
+def test_forward_keeps_one_stream_pair_per_segment(family):
+    # Saved for backward: the top block's y¹ and one (x¹, x²) pair per segment (the stack's input twice for the
+    # first); everything else the model saves does not depend on the depth.
+    counts = {}
+    for layers, segments in ((4, 2), (9, 3), (16, 4)):
+        model = reversible(family, layers=layers)
+        assert len(stack_of(model).segment_starts()) == segments
+        counts[layers] = saved_by_forward(model, family)
+    stream = 3 * 6 * 16 * 8  # one [batch, seq, hidden] float64 stream
+    assert counts[9][0] - counts[4][0] == counts[16][0] - counts[9][0] == 2
+    assert counts[16][1] - counts[4][1] == 4 * stream
+    model = reversible(family, layers=16)
+    stack_of(model).reversible = False
+    assert saved_by_forward(model, family)[0] > 10 * counts[16][0]  # plain autograd keeps every block's
 
 
-def test_default_stores_both_streams_at_every_block():
-    model = apply_rev(build("gpt2", 4, 0.0), r=4)
-    assert stack_of(model).segment_size == 1 and stack_of(model).segment_starts() == [1, 2, 3]
-
-
-def test_segments_keep_two_streams_per_boundary():
-    plain, segmented = reversible("gpt2", layers=6), reversible("gpt2", layers=6, segment_size=2)
-    (n_plain, bytes_plain), (n_seg, bytes_seg) = saved_by_forward(plain, "gpt2"), saved_by_forward(segmented, "gpt2")
-    assert n_seg - n_plain == 2 * len(stack_of(segmented).segment_starts()) == 4
-    assert bytes_seg - bytes_plain == 4 * 3 * 6 * 16 * 8  # four [batch, seq, hidden] float64 streams
+def test_default_segment_size_is_the_ceiling_of_the_square_root_of_the_depth():
+    assert stack_of(apply_rev(build("gpt2", 4), r=4)).segment_starts() == [0, 2]
+    assert stack_of(apply_rev(build("gpt2", 10), r=4)).segment_starts() == [0, 4, 8]
+    assert stack_of(apply_rev(build("gpt2", 3), r=4, segment_size=5)).segment_starts() == [0]
 
 
 def test_meta_device_step_with_two_pass_bk():

@@ -14,18 +14,31 @@ Both streams start as the embedding output; the stack returns the second stream,
 pretrained hidden state (MEFT averages the streams; here the first stream tracks the mid-block
 state, so an average would halve the last MLP update).
 
-Backward never keeps per-block activations: it inverts each block from its output,
-x² = (y² − G(y¹))/β, x¹ = (y¹ − F(x²))/λ, recomputing G and F with grad enabled on the recovered
-tensors. Inverting divides by λ and β, so round-off grows by at least 1/(λβ) per block going down;
-`segment_size` stores the streams every few blocks and restarts the inversion there (numbers in
-`reversible.apply_rev`).
+Backward by replay, never by inversion. Inverting a block from its output, x² = (y² − G(y¹))/β,
+x¹ = (y¹ − F(x²))/λ, multiplies round-off by about 1/(λβ) per block near the start point, in any
+precision, so nothing here divides by λ or β. Instead:
+- The forward runs without a graph and keeps the stream pair (x¹, x²) at the input of the first
+  block of every segment of `segment_size` blocks (default ⌈√L⌉), the top block's y¹, and, in
+  training mode, the random state before each sub-layer call.
+- The backward goes down segment by segment. It replays the segment's forward from its stored pair
+  without a graph (under the forward's autocast setting and random states: the same dropout masks,
+  the same DyLoRA ranks), keeping each block's x² and y¹: the very tensors the forward computed.
+  Then, from the segment's top block down, it recomputes G at y¹ and F at x² with a graph,
+  back-propagates through them and frees them.
+Gradients are therefore plain autograd's on the same forward values; only the order of the
+floating-point sums differs. Live hidden-state tensors at the peak: 2 per stored pair (all kept
+until the graph is freed: two-pass BK back-propagates twice) plus 2 per block of the segment being
+back-propagated, about 4·√L at the default, plus one sub-layer's graph. Time: each backward pass
+re-runs every block that does not start a segment once more (L − ⌈L/k⌉ block forwards).
+Measured errors, memory and step times: BENCHMARKS.md ("Reversible network").
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -34,6 +47,8 @@ from dpmemarc_core.models import KV_CACHE_ARGUMENTS
 from dpmemarc_core.privacy.engine import bk_anchors_of, bk_backward_inputs
 
 Sublayer = Callable[[nn.Module, torch.Tensor, dict], torch.Tensor]  # (block, input, call arguments) -> output
+# Entered around each sub-layer call of a coupling (0: F, 1: G): records or replays its random state.
+Randomness = Callable[[int], AbstractContextManager]
 
 
 class ReversibleStack(nn.Module):
@@ -42,7 +57,9 @@ class ReversibleStack(nn.Module):
     It replaces the backbone's block list (as the list's only element), so the Hugging Face forward
     around it — embeddings, masks, rotary tables, final norm, head, loss — stays the library's own.
     `reversible=False` runs the same couplings with ordinary autograd (activations kept per block):
-    the reference the reversible backward is tested against, and the faster choice when memory allows.
+    the reference the replayed backward is tested against, and the faster choice when memory allows.
+    `segment_size` k: blocks per replayed segment (None: ⌈√L⌉, which minimises the stored plus the
+    replayed streams); k=1 stores every block's input pair and replays nothing.
     """
 
     def __init__(self, blocks: nn.ModuleList, attention: Sublayer, mlp: Sublayer,
@@ -63,17 +80,16 @@ class ReversibleStack(nn.Module):
             call = _without_cache(call)
             params = [p for p in self.blocks.parameters() if p.requires_grad]
             anchors = bk_anchors_of(self)
-            return _ReversibleStackFunction.apply(self, call, len(params), hidden_states, *params, *anchors)
+            return _ReplayedStackFunction.apply(self, call, len(params), hidden_states, *params, *anchors)
         x1 = x2 = hidden_states
         for block in self.blocks:
             x1, x2 = self.couple(block, x1, x2, call)
         return x2
 
     def segment_starts(self) -> list[int]:
-        """Blocks whose input streams are stored (every `segment_size`-th block after the first)."""
-        if self.segment_size is None:
-            return []
-        return list(range(self.segment_size, len(self.blocks), self.segment_size))
+        """First block of each replayed segment: the blocks whose input stream pairs the forward stores."""
+        size = self.segment_size or math.ceil(math.sqrt(len(self.blocks)))
+        return list(range(0, len(self.blocks), size))
 
     def _bind(self, hidden_states: torch.Tensor, args: tuple, kwargs: dict) -> dict:
         bound = self._signature.bind(None, hidden_states, *args, **kwargs)
@@ -92,46 +108,59 @@ class ReversibleStack(nn.Module):
         return self.mlp(block, y1, call) - self.x2_factor * y1
 
     def couple(self, block: nn.Module, x1: torch.Tensor, x2: torch.Tensor, call: dict,
-               rng: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One block forward; with `rng` a list, the random state before F and before G is appended."""
-        if rng is not None:
-            rng.append(_rng_state(x2.device))
-        y1 = self.x1_factor * x1 + self.f(block, x2, call)
-        if rng is not None:
-            rng.append(_rng_state(x2.device))
-        y2 = self.x2_factor * x2 + self.g(block, y1, call)
+               randomness: Randomness | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One block forward: (x¹, x²) → (y¹, y²). `randomness(s)` is entered around F (s=0) and G (s=1)."""
+        randomness = randomness or _no_randomness
+        with randomness(0):
+            y1 = self.x1_factor * x1 + self.f(block, x2, call)
+        with randomness(1):
+            y2 = self.x2_factor * x2 + self.g(block, y1, call)
         return y1, y2
 
-    def backward_step(self, block: nn.Module, y1: torch.Tensor, y2: torch.Tensor, dy1: torch.Tensor,
-                      dy2: torch.Tensor, call: dict, params: list[torch.Tensor], anchors: list[torch.Tensor],
-                      rng: tuple | None) -> tuple[torch.Tensor, ...]:
-        """Invert one block and back-propagate through it.
+    def replay(self, start: int, end: int, x1: torch.Tensor, x2: torch.Tensor, top_y1: torch.Tensor, call: dict,
+               randomness: Callable[[int], Randomness] | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(x², y¹) of each block start..end−1, re-running the segment's forward without a graph from its
+        stored input pair (x¹, x²); `top_y1` is block end−1's y¹ (stored above), so that block is not re-run."""
+        points = []
+        with torch.no_grad():
+            for index in range(start, end - 1):
+                y1, y2 = self.couple(self.blocks[index], x1, x2, call, randomness and randomness(index))
+                points.append((x2, y1))
+                x1, x2 = y1, y2
+        points.append((x2, top_y1))
+        return points
 
-        Returns (x1, x2, dx1, dx2, *param_grads) with param_grads aligned with `params`. `anchors`
-        (BK taps) are added to both recomputations' inputs so the engine sees every layer's a and g.
+    def backward_step(self, block: nn.Module, x2: torch.Tensor, y1: torch.Tensor, dy1: torch.Tensor,
+                      dy2: torch.Tensor, call: dict, params: list[torch.Tensor], anchors: list[torch.Tensor],
+                      randomness: Randomness | None) -> tuple[torch.Tensor, ...]:
+        """Back-propagate (dy¹, dy²) through one block whose forward read x² and produced y¹.
+
+        Returns (dx1, dx2, *param_grads) with param_grads aligned with `params`. `anchors` (BK taps) are
+        added to both recomputations' inputs so the engine sees every layer's a and g.
         """
-        with _replayed_rng(rng[1] if rng else None, y1.device), torch.enable_grad():
+        randomness = randomness or _no_randomness
+        with randomness(1), torch.enable_grad():
             y1 = y1.detach().requires_grad_()
             g = self.g(block, y1, call)
-        grads_g = torch.autograd.grad(g, [y1, *params, *anchors], dy2, allow_unused=True)
-        with torch.no_grad():
-            x2 = (y2 - g) / self.x2_factor
-        del g
-        dy1 = dy1 + grads_g[0]
-        with _replayed_rng(rng[0] if rng else None, y1.device), torch.enable_grad():
-            x2 = x2.requires_grad_()
+        dy1_from_g, *grads_g = torch.autograd.grad(g, [y1, *params, *anchors], dy2, allow_unused=True)
+        # Nothing below needs G's graph, y¹ or the separate gradient parts: dropped before F's recompute, which
+        # is where the step's memory peaks. dy¹ is this backward's own tensor (zeros or the block above's λ·dy¹).
+        del g, y1
+        dy1 = dy1.add_(dy1_from_g)
+        del dy1_from_g
+        with randomness(0), torch.enable_grad():
+            x2 = x2.detach().requires_grad_()
             f = self.f(block, x2, call)
-        grads_f = torch.autograd.grad(f, [x2, *params, *anchors], dy1, allow_unused=True)
-        with torch.no_grad():
-            x1 = (y1 - f) / self.x1_factor
+        dx2_from_f, *grads_f = torch.autograd.grad(f, [x2, *params, *anchors], dy1, allow_unused=True)
+        del f, x2
         dx1 = self.x1_factor * dy1
-        dx2 = self.x2_factor * dy2 + grads_f[0]
-        param_grads = [_add(a, b) for a, b in zip(grads_g[1:1 + len(params)], grads_f[1:1 + len(params)])]
-        return (x1, x2.detach(), dx1, dx2, *param_grads)
+        dx2 = dx2_from_f.add_(dy2, alpha=self.x2_factor)
+        param_grads = [_add(a, b) for a, b in zip(grads_g[:len(params)], grads_f[:len(params)])]
+        return (dx1, dx2, *param_grads)
 
 
-class _ReversibleStackFunction(torch.autograd.Function):
-    """Forward without a graph, keeping only the last block's two streams; backward by inversion.
+class _ReplayedStackFunction(torch.autograd.Function):
+    """Forward without a graph, keeping one stream pair per segment; backward by segment replay.
 
     Inputs after the hidden states: the stack's trainable parameters (their gradients come out of the
     recomputations when autograd asks for them) and the anchors of BK engines attached to the stack
@@ -143,42 +172,65 @@ class _ReversibleStackFunction(torch.autograd.Function):
                 *tracked: torch.Tensor) -> torch.Tensor:
         ctx.stack, ctx.call, ctx.params = stack, call, tracked[:n_params]
         ctx.autocast = _autocast_state(hidden.device)
-        rng = [] if stack.training else None
+        ctx.random_states = _RandomStates(hidden.device) if stack.training else None
+        record = ctx.random_states.record if ctx.random_states else None
+        ctx.starts = stack.segment_starts()
+        starts, stored = set(ctx.starts), []
         x1 = x2 = hidden
-        ctx.starts, boundaries = stack.segment_starts(), []
         for index, block in enumerate(stack.blocks):
-            if index in ctx.starts:
-                boundaries += [x1, x2]
-            x1, x2 = stack.couple(block, x1, x2, call, rng)
-        ctx.rng = rng
-        ctx.save_for_backward(x1, x2, *boundaries)
+            if index in starts:
+                stored += [x1, x2]
+            x1, x2 = stack.couple(block, x1, x2, call, record)
+        ctx.save_for_backward(x1, *stored)
         return x2
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        stack, call = ctx.stack, ctx.call
-        y1, y2, *boundaries = ctx.saved_tensors
-        exact = dict(zip(ctx.starts, zip(boundaries[::2], boundaries[1::2])))
-        dy1, dy2 = torch.zeros_like(y1), grad_output
+        stack, call, blocks = ctx.stack, ctx.call, list(ctx.stack.blocks)
+        top_y1, *stored = ctx.saved_tensors
+        replay = ctx.random_states.replay if ctx.random_states else None
         anchors = bk_backward_inputs()
         # BK forms parameter gradients itself from the taps; outside a BK pass autograd wants them here.
         wanted = set() if anchors else {id(p) for p in ctx.params}
         grads: dict[int, torch.Tensor] = {}
-        blocks = list(stack.blocks)
-        for index in reversed(range(len(blocks))):
-            block = blocks[index]
-            own = [p for p in block.parameters() if id(p) in wanted]
-            rng = tuple(ctx.rng[2 * index:2 * index + 2]) if ctx.rng is not None else None
-            # One autocast region per block: autocast caches its low-precision cast of every tensor that
-            # requires grad (the recovered streams are) until the region ends, which over the whole stack
-            # kept a copy of every block's streams alive to the end of the backward.
+        dy1, dy2 = torch.zeros_like(top_y1), grad_output
+        ends = ctx.starts[1:] + [len(blocks)]
+        for segment in reversed(range(len(ctx.starts))):
+            start, end = ctx.starts[segment], ends[segment]
+            x1, x2 = stored[2 * segment], stored[2 * segment + 1]
             with _autocast(ctx.autocast):
-                y1, y2, dy1, dy2, *own_grads = stack.backward_step(block, y1, y2, dy1, dy2, call, own, anchors, rng)
-            grads.update({id(p): gr for p, gr in zip(own, own_grads)})
-            y1, y2 = exact.get(index, (y1, y2))  # a segment boundary: restart from the stored streams
+                points = stack.replay(start, end, x1, x2, top_y1, call, replay)
+            for index in reversed(range(start, end)):
+                block = blocks[index]
+                own = [p for p in block.parameters() if id(p) in wanted]
+                # One autocast region per block: autocast caches its low-precision cast of every leaf that
+                # requires grad (the detached x² and y¹ are) until the region ends. The block's (x², y¹) is
+                # popped, not kept: the segment's replayed streams are freed as the backward goes down.
+                with _autocast(ctx.autocast):
+                    dy1, dy2, *own_grads = stack.backward_step(block, *points.pop(), dy1, dy2, call, own, anchors,
+                                                               replay and replay(index))
+                grads.update({id(p): gr for p, gr in zip(own, own_grads)})
+            top_y1 = x1  # the segment's input x¹ is the y¹ of the block below it
         d_hidden = dy1 + dy2 if ctx.needs_input_grad[3] else None
         n_anchors = len(ctx.needs_input_grad) - 4 - len(ctx.params)
         return (None, None, None, d_hidden, *(grads.get(id(p)) for p in ctx.params), *([None] * n_anchors))
+
+
+class _RandomStates:
+    """The random state before every sub-layer call of one training forward (two per block, in order), so
+    that a replay or a recomputation draws the same dropout masks and DyLoRA ranks as the forward did."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.states: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+
+    @contextmanager
+    def record(self, sublayer: int) -> Iterator[None]:
+        self.states.append(_rng_state(self.device))
+        yield
+
+    def replay(self, block: int) -> Randomness:
+        return lambda sublayer: _replayed_rng(self.states[2 * block + sublayer], self.device)
 
 
 def cache_argument(call: dict) -> dict:
@@ -199,6 +251,10 @@ def _without_cache(call: dict) -> dict:
     return call
 
 
+def _no_randomness(sublayer: int) -> AbstractContextManager:
+    return nullcontext()
+
+
 def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     if a is None:
         return b
@@ -210,11 +266,8 @@ def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]
 
 
 @contextmanager
-def _replayed_rng(state: tuple | None, device: torch.device) -> Iterator[None]:
+def _replayed_rng(state: tuple, device: torch.device) -> Iterator[None]:
     """Run with the random state a forward sub-layer saw (same dropout masks), restoring ours afterwards."""
-    if state is None:
-        yield
-        return
     cpu, cuda = state
     with torch.random.fork_rng(devices=[device] if cuda is not None else []):
         torch.set_rng_state(cpu)
@@ -230,7 +283,7 @@ def _autocast_state(device: torch.device) -> tuple[str, bool, torch.dtype] | Non
 
 
 def _autocast(state: tuple[str, bool, torch.dtype] | None):
-    # Backward runs outside the caller's autocast region: recompute under the forward's setting.
+    # Backward runs outside the caller's autocast region: replay and recompute under the forward's setting.
     if state is None:
         return nullcontext()
     device_type, enabled, dtype = state

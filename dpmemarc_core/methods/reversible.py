@@ -3,19 +3,21 @@
 Each block is one coupling of two streams (see `rev_coupling`): F is the block's attention sub-layer
 with LoRA on its query/value projections (or another trainable part: `f_module`, see `rev_f_modules`),
 G its MLP sub-layer with a Houlsby adapter after the output projection, the arrangement of MEFT's
-third variant (F = attention, G = MLP, λ = β = 0.1, streams not swapped). Backward inverts the blocks
-instead of keeping their activations.
+third variant (F = attention, G = MLP, λ = β = 0.1, streams not swapped). The forward keeps no
+graph; the backward replays the stack segment by segment from stream pairs stored every ⌈√L⌉
+blocks and recomputes one sub-layer at a time (no block is inverted: see `rev_coupling`).
 
 Memory and time, under BK clipping (`BKEngine`):
 - backward_passes=2 (recommended, `model.recommended_backward_passes`): the first pass reduces each
   layer's per-example contribution to squared norms as soon as its g arrives, the second
-  back-propagates Σ c_i L_i through the reversible stack again. Autograd keeps two hidden-state
-  tensors whatever the depth, and BK keeps no per-layer buffer; the price is time: three forwards
-  and two backwards of the stack per step (the forward, then a recompute and a backward per pass),
-  against one and one for LoRA under BK.
-- backward_passes=1: two forwards and one backward, but the engine keeps every layer's BK buffer
+  back-propagates Σ c_i L_i through the stack again. Autograd keeps about 4·√L hidden-state
+  tensors (stored pairs plus one replayed segment) and one sub-layer's graph, and BK keeps no
+  per-layer buffer; the price is time: per pass, a replay of the blocks that do not start a
+  segment, a recompute and a backward of every block, after the step's one forward.
+- backward_passes=1: one pass of the same, but the engine keeps every layer's BK buffer
   (factored a, g or instantiated per-example gradients) until the backward ends: linear in depth
   again, though smaller than the activations when the LoRA/adapter gradients are instantiated.
+Figures: BENCHMARKS.md ("Reversible network").
 """
 
 from __future__ import annotations
@@ -73,8 +75,10 @@ FAMILIES: dict[str, tuple[str, Sublayer, Sublayer, str]] = {
 
 
 def _check_factor(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise ValueError(f"rev: {name} must be a number in (0, 1] (0 is not invertible), got {value!r}")
+    # Nothing divides by λ or β (the backward replays, it does not invert): 0 is allowed. Above 1 a stream
+    # would grow geometrically with depth; no use for that was found, so it is refused.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"rev: {name} must be a number in [0, 1], got {value!r}")
     return float(value)
 
 
@@ -85,7 +89,7 @@ def _check_size(name: str, value: object) -> int:
 
 
 def apply_rev(model: nn.Module, r: int = 64, *, lora_alpha: float | None = None, adapter_size: int | None = None,
-              x1_factor: float = 0.1, x2_factor: float = 0.1, segment_size: int | None = 1,
+              x1_factor: float = 0.1, x2_factor: float = 0.1, segment_size: int | None = None,
               f_module: str = "lora") -> nn.Module:
     """Make `model` (modified in place and returned) a reversible network; only F's module (LoRA by
     default), G's adapters and a classification head are trainable.
@@ -93,26 +97,24 @@ def apply_rev(model: nn.Module, r: int = 64, *, lora_alpha: float | None = None,
     Supported: GPT2LMHeadModel, BertForSequenceClassification, RobertaForSequenceClassification,
     LlamaForCausalLM (any model of those four model types with their block layout). Options: LoRA rank
     `r` and `lora_alpha` (default r, scale 1); `adapter_size`, the adapter bottleneck (default r);
-    `x1_factor` λ and `x2_factor` β in (0, 1], MEFT's 0.1 each; `segment_size` (default 1);
-    `f_module`, F's trainable part: "lora" (default), "parallel_adapter", "prefix" or "dylora", each
-    sized by `r` (designs and departures from the original methods in `rev_f_modules`); `lora_alpha`
-    only with "lora" and "dylora".
+    `x1_factor` λ and `x2_factor` β in [0, 1], MEFT's 0.1 each; `segment_size` k, blocks per replayed
+    segment (default None: ⌈√L⌉); `f_module`, F's trainable part: "lora" (default), "parallel_adapter",
+    "prefix" or "dylora", each sized by `r` (designs and departures from the original methods in
+    `rev_f_modules`); `lora_alpha` only with "lora" and "dylora".
 
-    `segment_size=k` stores both streams at every k-th block and restarts the inversion there:
-    2·⌈L/k⌉ hidden-state tensors (B·T·d each) instead of 2. `segment_size=None` is one reversible
-    segment, activation memory O(1) in depth — exact in float64, but not in float32 at real depths
-    (below), which is why the default is k=1: exact gradients in any precision, memory linear in depth
-    but only two hidden states per block (a plain backward keeps ~10-20 tensors per block).
+    `segment_size`: the forward stores both streams at the first block of every segment of k blocks,
+    the backward replays one segment at a time. Live hidden-state tensors: about 2·⌈L/k⌉ + 2·k, least
+    at k ≈ √L (the default); k=1 stores every block's input pair and replays nothing (fastest, linear
+    in depth). Gradients equal plain autograd's on the same forward at every k, in any precision.
 
-    Start point: with LoRA B (or the zero-initialised half of F's other modules) and the adapters'
-    up-projections at zero, the model differs from the pretrained one only by the coupling's O(λ + β)
-    terms. Relative change of the last hidden state at λ = β = 0.1 (0.01): all-MiniLM-L6-v2 0.27 (0.025), SmolLM2-135M 0.14 (0.015); with MEFT's F and G
-    keeping their full residual: 0.31, 1.24; averaging the streams instead: 0.58, 0.32.
-    Round-off: inversion multiplies it by at least 1/(λβ) per block. In float32 at λ = β = 0.1,
-    MiniLM's bottom two blocks are not recovered (relative error 3e2) and SmolLM2's 30 overflow;
-    segment_size=2 brings the gradient error to 6e-5 on MiniLM and 0.12 on SmolLM2 (k=1: exact).
-    Larger factors invert better and start further away (λ = β = 1: SmolLM2 float32 gradient
-    error 0.28, start-point change 1.4).
+    Choosing λ and β. They no longer affect exactness (nothing is inverted), only where training
+    starts and how the streams mix. With LoRA B (or the zero-initialised half of F's other modules)
+    and the adapters' up-projections at zero, the model differs from the pretrained one by the
+    coupling's λ·(x¹ − x²) and β·(x² − y¹) terms: O(λ + β), shrinking linearly with them, and at
+    λ = β = 0 it is the pretrained model exactly (the first stream is then unused, and the stack is
+    the pretrained network with activation replay). The default keeps MEFT's 0.1, the setting the
+    quickstart recipes and the paper's tables were run with. Start-point distances per model:
+    BENCHMARKS.md ("Reversible network").
 
     The backbone's block list is replaced by a one-element list holding a `ReversibleStack` (block i
     is then `<backbone>.<list>.0.blocks.i`); generation with a KV cache works through it, hidden
