@@ -79,9 +79,11 @@ def load_task(
     max_train: int | None = None,
     max_eval: int | None = None,
     seed: int = 0,
+    eval_only: bool = False,
 ) -> Task:
     """Load and tokenize a task from ``TASKS``. ``max_train``/``max_eval`` keep a seeded random subset;
-    ``seed`` also fixes the train/eval split of data sets without an official one."""
+    ``seed`` also fixes the train/eval split of data sets without an official one. ``eval_only``: the
+    evaluation split alone (``train`` empty), for a process that must hold no training data."""
     _check_task_name(name)
     if max_length < 8:
         raise ValueError(f"max_length must be >= 8 tokens, got {max_length}")
@@ -90,7 +92,7 @@ def load_task(
             raise ValueError(f"{field} must be >= 1 or None, got {value}")
     kind, num_labels, loader = _LOADERS[name]
     train_rows, eval_rows = loader(seed, max_train, max_eval)
-    train_rows = _subset(train_rows, max_train, seed)
+    train_rows = [] if eval_only else _subset(train_rows, max_train, seed)
     eval_rows = _subset(eval_rows, max_eval, seed + 1)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_token_id is None:

@@ -85,6 +85,12 @@ def records_of(source: Path) -> tuple[Path | None, ModelSpec | None, dict | None
     return state, None, None
 
 
+def write_run_record(output_dir: str | Path, spec: ModelSpec, run_config: Mapping) -> None:
+    """A federated run's ``run.json``: what `export_run` needs to rebuild its model from a round's state."""
+    record = {"spec": spec.to_dict(), "run_config": dict(run_config)}
+    (Path(output_dir) / RUN_FILE).write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
+
+
 def latest_round_state(directory: Path) -> Path | None:
     rounds = [(int(m.group(1)), p) for p in directory.iterdir() if (m := ROUND_STATE.match(p.name))]
     return max(rounds)[1] if rounds else None

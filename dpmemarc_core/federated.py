@@ -19,18 +19,21 @@ import resource
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 from torch import nn
 
-from dpmemarc_core.data import Task, load_task, num_labels_of, partition, task_kind_of
+from dpmemarc_core.data import TASKS, Task, num_labels_of, task_kind_of
 from dpmemarc_core.privacy import PrivacyAccountant, PrivacySettings, noise_multiplier_for
 from dpmemarc_core.privacy.settings import check_count
 from dpmemarc_core.train import ZO_PARAM_METHODS, evaluate, make_trainer, resolve_device, sample_rate_for
 
 PARTITIONINGS = ("iid", "dirichlet")
+STRATEGIES = ("fedavg", "fedprox", "fedadam")  # Flower's own strategies, chosen by the run config
+# `task` values whose data is only the sites' own files (node config data-path), no public data set.
+SITE_DATA_TASKS = ("classification", "generation")
 # σ is searched so that the planned steps spend at most target ε; this slack only absorbs float noise in
 # recomputing that ε piecewise (round by round) instead of in one go.
 BUDGET_SLACK = 1e-9
@@ -42,12 +45,20 @@ class FederatedConfig:
 
     Defaults equal pyproject.toml's (a test keeps them in step). Zero means "unset" where TOML has no
     null: ``delta = 0`` is 1/(10N) of each site (N its number of examples), ``physical-batch-size = 0`` is the whole batch at once,
-    ``max-train = 0`` / ``max-eval = 0`` keep every example.
+    ``max-train = 0`` / ``max-eval = 0`` keep every example, ``client-dp-target-epsilon = 0`` sets no
+    client-level budget, ``labels = ""`` takes the task's label indices, ``eval-path = ""`` names no
+    evaluation file.
     """
 
     num_server_rounds: int = 3
     model: str = "minilm"
     task: str = "movie-sentiment"
+    labels: str = ""
+    text_column: str = "text"
+    label_column: str = "label"
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+    eval_path: str = ""
     method: str = "lora"
     method_options: str = '{"r": 1}'
     zo_params: str = "lora"
@@ -72,17 +83,29 @@ class FederatedConfig:
     output_dir: str = "runs/federated"
     max_update_norm: float = 100.0
     min_valid_replies: int = 2
+    fraction_train: float = 1.0
+    min_train_nodes: int = 2
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.01
+    server_lr: float = 0.01
+    federated_eval: bool = False
+    site_eval_fraction: float = 0.1
+    site_eval_noise_multiplier: float = 10.0
     client_dp: bool = False
     client_dp_noise_multiplier: float = 1.0
     client_dp_clipping_norm: float = 1.0
+    client_dp_target_epsilon: float = 0.0
+    client_dp_delta: float = 1e-5
     round_timeout: float = 3600.0
 
     def __post_init__(self) -> None:
-        for name in ("num_server_rounds", "local_steps", "batch_size", "max_length", "min_valid_replies"):
+        for name in ("num_server_rounds", "local_steps", "batch_size", "max_length", "min_valid_replies",
+                     "min_train_nodes"):
             check_count(getattr(self, name), _key(name), minimum=1)
         for name in ("physical_batch_size", "max_train", "max_eval", "seed"):
             check_count(getattr(self, name), _key(name), minimum=0)
-        for name in ("lr", "max_update_norm", "dirichlet_alpha", "client_dp_clipping_norm", "round_timeout"):
+        for name in ("lr", "max_update_norm", "dirichlet_alpha", "client_dp_clipping_norm", "round_timeout",
+                     "server_lr", "site_eval_noise_multiplier"):
             if not 0 < getattr(self, name) < math.inf:
                 raise ValueError(f"{_key(name)} must satisfy 0 < value < inf, got {getattr(self, name)!r}")
         if not 0 <= self.client_dp_noise_multiplier < math.inf:
@@ -90,6 +113,36 @@ class FederatedConfig:
                              f"got {self.client_dp_noise_multiplier!r}")
         if self.delta != 0 and not 0 < self.delta < 1:
             raise ValueError(f"delta must be 0 (= 1/(10N) of each site) or satisfy 0 < value < 1, got {self.delta!r}")
+        for name, low in (("fraction_train", 0.0), ("site_eval_fraction", 0.0)):
+            if not low < getattr(self, name) <= 1 or (name == "site_eval_fraction" and self.site_eval_fraction == 1):
+                raise ValueError(f"{_key(name)} must satisfy 0 < value {'<' if 'eval' in name else '<='} 1, "
+                                 f"got {getattr(self, name)!r}")
+        if self.min_train_nodes < self.min_valid_replies:
+            raise ValueError(f"min-train-nodes must be >= min-valid-replies ({self.min_valid_replies}): a round "
+                             f"sampling fewer sites can never aggregate, got {self.min_train_nodes}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if not 0 <= self.proximal_mu < math.inf:
+            raise ValueError(f"proximal-mu must satisfy 0 <= value < inf, got {self.proximal_mu!r}")
+        if self.strategy == "fedprox" and self.method == "zo":
+            raise ValueError("strategy 'fedprox' adds a proximal term to the gradient; method 'zo' has none")
+        if not 0 < self.client_dp_delta < 1:
+            raise ValueError(f"client-dp-delta must satisfy 0 < value < 1, got {self.client_dp_delta!r}")
+        if not 0 <= self.client_dp_target_epsilon < math.inf:
+            raise ValueError(f"client-dp-target-epsilon must be 0 (no budget) or a finite number > 0, "
+                             f"got {self.client_dp_target_epsilon!r}")
+        self.label_names()
+        if self.task not in (*TASKS, *SITE_DATA_TASKS):
+            raise ValueError(f"task must be one of {', '.join((*TASKS, *SITE_DATA_TASKS))} (the last two: data only "
+                             f"from the sites' files), got {self.task!r}")
+        if self.task == "classification" and not self.labels:
+            raise ValueError("task 'classification' needs labels (e.g. labels = \"negative,positive\"): every site "
+                             "must build the same head")
+        if self.task in TASKS and self.labels and len(self.label_names()) != max(num_labels_of(self.task), 0):
+            raise ValueError(f"labels names {len(self.label_names())} classes, task {self.task!r} has "
+                             f"{num_labels_of(self.task)}")
+        if self.federated_eval and self.task_kind() != "classification":
+            raise ValueError("federated-eval releases a noised count of correct predictions: classification only")
         if self.zo_params not in ZO_PARAM_METHODS:
             raise ValueError(f"zo-params must be one of {ZO_PARAM_METHODS}, got {self.zo_params!r}")
         if self.partitioning not in PARTITIONINGS:
@@ -120,6 +173,27 @@ class FederatedConfig:
         if not isinstance(options, dict):
             raise ValueError(f"method-options must be a JSON object, got {self.method_options!r}")
         return options
+
+    def label_names(self) -> tuple[str, ...]:
+        """``labels = "negative,positive"``: the class names in head order (empty: none given)."""
+        from dpmemarc_core.site_data import parse_labels
+
+        return parse_labels(self.labels)
+
+    def task_kind(self) -> str:
+        return self.task if self.task in SITE_DATA_TASKS else task_kind_of(self.task)
+
+    def num_labels(self) -> int:
+        """Classes of the head: the named labels, else the task's; 0 for generation."""
+        if self.task_kind() != "classification":
+            return 0
+        return len(self.label_names()) or num_labels_of(self.task)
+
+    def site_columns(self):
+        from dpmemarc_core.site_data import Columns
+
+        return Columns(text=self.text_column, label=self.label_column, prompt=self.prompt_column,
+                       completion=self.completion_column)
 
     def privacy_settings(self) -> PrivacySettings:
         return PrivacySettings(target_epsilon=self.target_epsilon, delta=self.delta or None,
@@ -159,43 +233,35 @@ def _typed(key: str, value: object, kind: str) -> object:
 
 @dataclass
 class RunModel:
-    """The model of a run (backbone + method) and its task: the same in every process of the run."""
+    """The model of a run (backbone + method), the same in every process of the run, and the `ModelSpec`
+    that rebuilds it from its export. No data: each process reads only its own (`federated_data`)."""
 
     model: nn.Module
     tokenizer: object
-    task: Task
     device: torch.device
+    spec: object  # dpmemarc_core.methods.ModelSpec
 
 
 def build_run_model(cfg: FederatedConfig) -> RunModel:
-    """The backbone (its head fits the task) with the method applied, and the task, seeded by ``cfg.seed``.
+    """The backbone (its head fits the task) with the method applied, seeded by ``cfg.seed``.
 
     Every process (server, each site) builds this; the seed makes the randomly initialised parts that
     stay frozen (if any) identical everywhere, and the server's initial trainable state is what every
     site starts from.
     """
-    from dpmemarc_core.methods import apply
+    from dpmemarc_core.methods import ModelSpec, apply
     from dpmemarc_core.models import load_backbone
 
     torch.manual_seed(cfg.seed)
-    num_labels = max(num_labels_of(cfg.task), 2)  # generation tasks have 0 labels and ignore the argument
-    backbone, tokenizer = load_backbone(cfg.model, task_kind_of(cfg.task), num_labels=num_labels)
-    task = load_task(cfg.task, tokenizer, max_length=cfg.max_length, max_train=cfg.max_train or None,
-                     max_eval=cfg.max_eval or None, seed=cfg.seed)
+    # generation has 0 labels and ignores the argument
+    backbone, tokenizer = load_backbone(cfg.model, cfg.task_kind(), num_labels=max(cfg.num_labels(), 2))
+    # DPZero (zo) trains, forward-only, the trainable part of another method: the export is that method's.
+    spec = ModelSpec(base_model=cfg.model, task_kind=cfg.task_kind(), num_labels=cfg.num_labels(),
+                     labels=cfg.label_names(), method=cfg.zo_params if cfg.method == "zo" else cfg.method,
+                     method_options=cfg.method_kwargs(), pad_token_id=backbone.config.pad_token_id)
     device = cfg.torch_device()
-    # DPZero (zo) trains, forward-only, the trainable part of another method.
-    model = apply(backbone, cfg.zo_params if cfg.method == "zo" else cfg.method, **cfg.method_kwargs()).to(device)
-    return RunModel(model=model, tokenizer=tokenizer, task=task, device=device)
-
-
-def site_task(task: Task, cfg: FederatedConfig, partition_id: int, num_partitions: int) -> Task:
-    """The task with only one site's share of the training examples (IID or Dirichlet(α) over labels)."""
-    labels = [e["labels"] for e in task.train] if cfg.partitioning == "dirichlet" else None
-    if labels is not None and task.kind != "classification":
-        raise ValueError("partitioning 'dirichlet' splits by label and needs a classification task")
-    indices = partition(len(task.train), num_partitions, partition_id, scheme=cfg.partitioning,
-                        alpha=cfg.dirichlet_alpha, labels=labels, seed=cfg.seed)
-    return replace(task, train=[task.train[i] for i in indices])
+    model = apply(backbone, spec.method, **spec.method_options).to(device)
+    return RunModel(model=model, tokenizer=tokenizer, device=device, spec=spec)
 
 
 # ---- one site's privacy and rounds ------------------------------------------------------------------------
@@ -260,10 +326,11 @@ def reply_metrics(outcome: SiteRound, plan: SitePlan) -> dict[str, int | float]:
 
 def run_site_round(model: nn.Module, task: Task, cfg: FederatedConfig, plan: SitePlan,
                    accountant: PrivacyAccountant, device: torch.device,
-                   max_epsilon: float = math.inf) -> SiteRound:
+                   max_epsilon: float = math.inf, proximal_mu: float = 0.0) -> SiteRound:
     """``cfg.local_steps`` DP steps on the site's examples, recorded in ``accountant``; or none at all if
     they would take the site past its budget (then ``trained`` is False and nothing changes). The budget is
-    the run's target ε, or the site's own ``max_epsilon`` if that is lower."""
+    the run's target ε, or the site's own ``max_epsilon`` if that is lower. ``proximal_mu`` > 0 adds FedProx's
+    proximal term μ·(w − w_round_start) to every (already noised) gradient."""
     privacy = cfg.privacy_settings()
     if privacy.is_private:
         budget = min(privacy.target_epsilon, max_epsilon)
@@ -279,6 +346,8 @@ def run_site_round(model: nn.Module, task: Task, cfg: FederatedConfig, plan: Sit
     trainer = make_trainer(cfg.method, model, task.train, task.collate, privacy, plan.sample_rate,
                            plan.noise_multiplier, lr=cfg.lr, accountant=accountant,
                            physical_batch_size=cfg.physical_batch_size or None, device=device)
+    if proximal_mu > 0:
+        add_proximal_term(trainer, proximal_mu)
     start = time.perf_counter()
     try:
         stats = trainer.run(cfg.local_steps, progress=False)
@@ -290,6 +359,25 @@ def run_site_round(model: nn.Module, task: Task, cfg: FederatedConfig, plan: Sit
                    "peak_memory_bytes": peak_memory_bytes(device), "seconds": time.perf_counter() - start}
     return SiteRound(trained=True, epsilon=epsilon, epsilon_if_trained=epsilon, steps=stats["steps"],
                      total_steps=accountant.steps, local_diagnostics=diagnostics)
+
+
+def add_proximal_term(trainer, mu: float) -> None:
+    """FedProx: before each optimizer step, grad += μ·(w − w₀), w₀ the weights the round started from.
+
+    The term depends on no example (only on weights already released), so adding it after the noise is
+    post-processing: the step's privacy is unchanged."""
+    optimizer = getattr(trainer, "optimizer", None)
+    if optimizer is None:
+        raise ValueError(f"FedProx needs a gradient optimizer; {type(trainer).__name__} has none")
+    anchors = [p.detach().clone() for p in trainer.params]
+
+    def proximal(_optimizer, _args, _kwargs) -> None:
+        with torch.no_grad():
+            for param, anchor in zip(trainer.params, anchors):
+                if param.grad is not None:
+                    param.grad.add_(param - anchor, alpha=mu)
+
+    optimizer.register_step_pre_hook(proximal)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -325,7 +413,10 @@ def trainable_numpy_state(model: nn.Module) -> dict[str, np.ndarray]:
     return to_numpy_state(trainable_state_dict(model))
 
 
-def evaluate_numpy_state(run: RunModel, arrays: Mapping[str, np.ndarray], batch_size: int) -> dict:
-    """Central evaluation of a global trainable state on the run's evaluation split."""
+def evaluate_numpy_state(run: RunModel, task: Task | None, arrays: Mapping[str, np.ndarray], batch_size: int) -> dict:
+    """Central evaluation of a global trainable state on ``task``'s evaluation split (the server's own data);
+    without one, nothing ({})."""
+    if task is None:
+        return {}
     load_numpy_state(run.model, arrays)
-    return evaluate(run.model, run.task, run.tokenizer, batch_size)
+    return evaluate(run.model, task, run.tokenizer, batch_size)

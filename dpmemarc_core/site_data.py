@@ -27,7 +27,15 @@ TASK_KINDS = ("classification", "generation")
 
 
 class SiteDataError(ValueError):
-    """A site's data file cannot be trained on; the message names the file, the row and the field."""
+    """A site's data file cannot be trained on. ``str()``, for the site's own log, names the file, the row and the
+    field and shows the offending value; ``reason`` says the same without anything read from the file (the file's
+    name, not its directory, and no value): what a site may tell the server."""
+
+    def __init__(self, path: str | Path, problem: str, row: int | None = None, field: str | None = None,
+                 detail: str = "") -> None:
+        where = (f"row {row}: " if row is not None else "") + (f"field '{field}' " if field is not None else "")
+        super().__init__(f"{path}: {where}{problem}{detail}")
+        self.reason = f"{Path(path).name}: {where}{problem}"
 
 
 @dataclass(frozen=True)
@@ -54,13 +62,13 @@ def read_table(path: str | Path) -> datasets.Dataset:
     """The rows of ``path`` as a ``datasets.Dataset`` held in memory; SiteDataError when it cannot be read."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise SiteDataError(f"{path}: no such file or directory")
+        raise SiteDataError(path, "no such file or directory")
     if path.is_dir():
         return _read_saved(path)
     builder = READERS.get(path.suffix.lower())
     if builder is None:
-        raise SiteDataError(f"{path}: unsupported file type '{path.suffix}'; accepted: "
-                            f"{', '.join(READERS)} files or a datasets save_to_disk folder")
+        raise SiteDataError(path, f"unsupported file type '{path.suffix}'; accepted: {', '.join(READERS)} files or a "
+                                  "datasets save_to_disk folder")
     try:
         # A throw-away cache and keep_in_memory: no Arrow copy of the site's private text is left behind in
         # the shared datasets cache.
@@ -68,21 +76,21 @@ def read_table(path: str | Path) -> datasets.Dataset:
             return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache,
                                          keep_in_memory=True)
     except Exception as error:  # datasets/pyarrow raise many kinds for a malformed file
-        raise SiteDataError(f"{path}: unreadable {builder} file: {_reason(error)}") from error
+        raise SiteDataError(path, f"unreadable {builder} file", detail=f": {_reason(error)}") from error
 
 
 def _read_saved(path: Path) -> datasets.Dataset:
     try:
         table = datasets.load_from_disk(str(path), keep_in_memory=True)
     except Exception as error:
-        raise SiteDataError(f"{path}: not a readable datasets save_to_disk folder: {_reason(error)}") from error
+        raise SiteDataError(path, "not a readable datasets save_to_disk folder", detail=f": {_reason(error)}") from error
     if isinstance(table, datasets.DatasetDict):
         if "train" in table:
             return table["train"]
         if len(table) == 1:
             return next(iter(table.values()))
-        raise SiteDataError(f"{path}: a DatasetDict with splits {sorted(table)} and no 'train' split; "
-                            "save the split to train on")
+        raise SiteDataError(path, f"a DatasetDict with splits {sorted(table)} and no 'train' split; save the split "
+                                  "to train on")
     return table
 
 
@@ -128,18 +136,18 @@ def generation_rows(path: str | Path, columns: Columns = Columns()) -> list[Row]
 def _require_columns(path: str | Path, table: datasets.Dataset, names: Sequence[str]) -> None:
     missing = [name for name in names if name not in table.column_names]
     if missing:
-        raise SiteDataError(f"{path}: missing column(s) {missing}; the file has {table.column_names} (rename with "
-                            "the run-config keys text-column, label-column, prompt-column, completion-column)")
+        raise SiteDataError(path, f"missing column(s) {missing}; the file has {table.column_names} (rename with the "
+                                  "run-config keys text-column, label-column, prompt-column, completion-column)")
 
 
 def _require_rows(path: str | Path, rows: list) -> None:
     if not rows:
-        raise SiteDataError(f"{path}: the file has no rows")
+        raise SiteDataError(path, "the file has no rows")
 
 
 def _text(path: str | Path, number: int, field: str, value: object) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise SiteDataError(f"{path}: row {number}: field '{field}' must be non-empty text, got {value!r}")
+        raise SiteDataError(path, "must be non-empty text", number, field, detail=f", got {value!r}")
     return value
 
 
@@ -151,8 +159,8 @@ def _label(path: str | Path, number: int, field: str, value: object, index_of: d
         return int(value)
     accepted = f"a name in {list(index_of)} or " if index_of else ""
     hint = "" if index_of or not isinstance(value, str) else " (labels by name need the run-config key 'labels')"
-    raise SiteDataError(f"{path}: row {number}: field '{field}' has unknown label {value!r}; accepted: {accepted}"
-                        f"an index in [0, {num_labels - 1}]{hint}")
+    raise SiteDataError(path, f"has an unknown label; accepted: {accepted}an index in [0, {num_labels - 1}]{hint}",
+                        number, field, detail=f" (got {value!r})")
 
 
 def load_site_task(path: str | Path, tokenizer: PreTrainedTokenizerBase, kind: str, num_labels: int = 0,
@@ -168,8 +176,8 @@ def load_site_task(path: str | Path, tokenizer: PreTrainedTokenizerBase, kind: s
         examples = _tokenize_classification(classification_rows(path, num_labels, labels, columns), tokenizer,
                                             max_length)
     else:
-        examples = tokenize_generation(path, generation_rows(path, columns), tokenizer, max_length)
-    train, held_out = _hold_out(examples, holdout_fraction, seed)
+        examples = tokenize_generation(path, generation_rows(path, columns), tokenizer, max_length, columns.prompt)
+    train, held_out = hold_out(examples, holdout_fraction, seed)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_token_id is None:
         raise ValueError("the tokenizer has neither a pad token nor an EOS token to pad with")
@@ -178,7 +186,7 @@ def load_site_task(path: str | Path, tokenizer: PreTrainedTokenizerBase, kind: s
 
 
 def tokenize_generation(path: str | Path, rows: list[Row], tokenizer: PreTrainedTokenizerBase,
-                        max_length: int) -> list[dict]:
+                        max_length: int, prompt_field: str = "prompt") -> list[dict]:
     """Prompt, completion, EOS; loss on the completion and EOS only. A model with a chat template gets the
     prompt as a user turn followed by the assistant's turn opening; otherwise prompt and completion are
     joined by one space. A prompt that leaves no room for the completion within ``max_length`` is an error
@@ -199,8 +207,9 @@ def tokenize_generation(path: str | Path, rows: list[Row], tokenizer: PreTrained
     examples = []
     for number, (row, source, prompt, completion) in enumerate(zip(rows, sources, prompts, completions), 1):
         if len(prompt) >= max_length:
-            raise SiteDataError(f"{path}: row {number}: the prompt is {len(prompt)} tokens, which leaves no room for "
-                                f"the completion within max-length {max_length}; shorten it or raise max-length")
+            raise SiteDataError(path, f"the prompt leaves no room for the completion within max-length {max_length}; "
+                                      "shorten it or raise max-length", number, prompt_field,
+                                detail=f" ({len(prompt)} prompt tokens)")
         target = completion + [tokenizer.eos_token_id]
         input_ids = (prompt + target)[:max_length]
         examples.append({"input_ids": input_ids, "attention_mask": [1] * len(input_ids),
@@ -209,7 +218,8 @@ def tokenize_generation(path: str | Path, rows: list[Row], tokenizer: PreTrained
     return examples
 
 
-def _hold_out(examples: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+def hold_out(examples: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(kept, held out): a seeded share `fraction` of `examples` held out; nothing when fraction is 0."""
     if fraction == 0:
         return examples, []
     n_out = int(round(fraction * len(examples)))

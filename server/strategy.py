@@ -1,8 +1,9 @@
-"""FedAvg over validated updates, with optional client-level DP.
+"""Flower's strategies (FedAvg, FedProx, FedAdam) over validated updates, with optional client-level DP.
 
-`ValidatedUpdates` wraps a Flower strategy (FedAvg, or FedAvg inside Flower's server-side fixed-clipping
-DP wrapper) and sorts every training reply before the inner strategy sees it: failed replies, sites out
-of budget, and updates that fail `update_problem` are logged with the node and left out; the rest are
+`ValidatedUpdates` wraps a Flower strategy (as Flower ships it, possibly inside Flower's server-side
+fixed-clipping DP wrapper) and sorts every training reply before the inner strategy sees it: failed replies,
+sites out of budget or with unusable data, and updates that fail `update_problem` are logged with the node and
+left out; the rest are
 aggregated. With fewer than `min_valid_replies` valid updates the round is skipped and the global model
 stays as it was. It sits outside the DP wrapper because that wrapper abandons a round on any failed reply.
 """
@@ -17,7 +18,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, Strategy
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg, FedProx, Strategy
 
 from dpmemarc_core.federated import REPLY_METRIC_KEYS, FederatedConfig
 from server.validation import update_norm, update_problem
@@ -109,6 +110,12 @@ class ValidatedUpdates(Strategy):
             entry["status"] = "budget-exhausted"
             log(INFO, "round %d: node %d is out of privacy budget: %s", report.round, node, site.get("reason"))
             return False
+        if site is not None and site.get("status") == "data-error":
+            # The site's file has bad rows (named by row and field, no value): that site sits the round out.
+            entry["status"] = "data-error"
+            report.rejected.append({"node": node, "reason": f"site data: {site.get('reason')}"})
+            log(WARNING, "round %d: node %d cannot use its data: %s", report.round, node, site.get("reason"))
+            return False
         problem, arrays = self._problem(content, metrics)
         if problem is not None:
             entry["status"] = "rejected"
@@ -156,19 +163,28 @@ def _site_fields(metrics: MetricRecord | None) -> dict:
 
 
 def build_strategy(cfg: FederatedConfig) -> ValidatedUpdates:
-    """FedAvg weighted by each site's number of examples; with ``client-dp``, Flower's server-side fixed
-    clipping + Gaussian noise around it, with equal weights.
+    """Flower's strategy named by ``strategy`` (FedAvg, FedProx with ``proximal-mu``, FedAdam with server
+    learning rate ``server-lr``), sampling ``fraction-train`` of the connected sites each round (at least
+    ``min-train-nodes``), aggregating weighted by each site's number of examples; with ``client-dp``, Flower's
+    server-side fixed clipping + Gaussian noise around it, with equal weights. With ``federated-eval`` every
+    site is asked to evaluate after each round.
 
     The DP wrapper's noise is σ·C / ``num_sampled_clients``; passing ``min-valid-replies`` there makes the
     noise at least what a mean of the actual (≥ min-valid-replies) updates needs.
     """
-    fedavg = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=cfg.min_valid_replies,
-                    min_available_nodes=cfg.min_valid_replies, weighted_by_key=WEIGHT_KEY,
-                    arrayrecord_key=ARRAYS_KEY)
-    inner: Strategy = fedavg
+    common = {"fraction_train": cfg.fraction_train, "fraction_evaluate": 1.0 if cfg.federated_eval else 0.0,
+              "min_train_nodes": cfg.min_train_nodes, "min_evaluate_nodes": cfg.min_valid_replies,
+              "min_available_nodes": cfg.min_train_nodes, "weighted_by_key": WEIGHT_KEY,
+              "arrayrecord_key": ARRAYS_KEY}
+    if cfg.strategy == "fedprox":
+        inner: Strategy = FedProx(**common, proximal_mu=cfg.proximal_mu)
+    elif cfg.strategy == "fedadam":
+        inner = FedAdam(**common, eta=cfg.server_lr)
+    else:
+        inner = FedAvg(**common)
     if cfg.client_dp:
         inner = DifferentialPrivacyServerSideFixedClipping(
-            fedavg, noise_multiplier=cfg.client_dp_noise_multiplier, clipping_norm=cfg.client_dp_clipping_norm,
+            inner, noise_multiplier=cfg.client_dp_noise_multiplier, clipping_norm=cfg.client_dp_clipping_norm,
             num_sampled_clients=cfg.min_valid_replies)
     return ValidatedUpdates(inner, max_update_norm=cfg.max_update_norm, min_valid_replies=cfg.min_valid_replies,
                             client_dp=cfg.client_dp)

@@ -91,7 +91,7 @@ class FaultyGrid(InProcessGrid):
 
 def site_epsilon(cfg: FederatedConfig, partition_id: int, num_nodes: int, steps: int) -> float:
     """Reference: ε of a fresh accountant given ``steps`` steps of the site's planned σ and rate q."""
-    plan = site_for(cfg, partition_id, num_nodes).plan
+    plan = site_for(cfg, {"partition-id": partition_id, "num-partitions": num_nodes}).plan
     return epsilon(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=steps,
                    delta=plan.delta)
 
@@ -142,7 +142,7 @@ def test_site_refuses_the_round_past_its_budget_and_composes_every_round(tiny_mo
         assert all(isinstance(v, (int, float)) for v in metrics.values())
         assert tuple(metrics) == REPLY_METRIC_KEYS  # the documented allow-list, nothing computed from examples
 
-    plan = site_for(cfg, 0, 2).plan
+    plan = site_for(cfg, {"partition-id": 0, "num-partitions": 2}).plan
     assert epsilon(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
                    steps=plan.planned_steps, delta=plan.delta) <= cfg.target_epsilon
     spent = site_record(context).path.read_text()

@@ -116,8 +116,8 @@ def test_holdout_splits_by_seed_and_n_is_the_training_rows(tmp_path):
 @pytest.mark.parametrize("rows, message", [
     ([{"text": "fun", "label": 1}, {"label": 0}], "row 2: field 'text' must be non-empty text"),
     ([{"text": "fun", "label": 1}, {"text": "   ", "label": 0}], "row 2: field 'text' must be non-empty text"),
-    ([{"text": "fun", "label": "neutral"}], "row 1: field 'label' has unknown label 'neutral'"),
-    ([{"text": "fun", "label": 1}, {"text": "awful", "label": 2}], "row 2: field 'label' has unknown label 2"),
+    ([{"text": "fun", "label": "neutral"}], "row 1: field 'label' has an unknown label"),
+    ([{"text": "fun", "label": 1}, {"text": "awful", "label": 2}], "row 2: field 'label' has an unknown label"),
     ([{"text": "fun"}], "missing column(s) ['label']"),
     ([{"review": "fun", "label": 1}], "missing column(s) ['text']; the file has ['review', 'label']"),
 ])
@@ -130,7 +130,7 @@ def test_bad_classification_rows_name_file_row_and_field(tmp_path, rows, message
 
 def test_label_names_without_the_labels_key_say_so(tmp_path):
     path = write_jsonl(tmp_path / "s.jsonl", ROWS)
-    with pytest.raises(SiteDataError, match=r"row 1: field 'label' has unknown label 'positive'.*'labels'"):
+    with pytest.raises(SiteDataError, match=r"row 1: field 'label' has an unknown label.*'labels'.*got 'positive'"):
         load_site_task(path, tiny_tokenizer(), "classification", 2)
 
 
@@ -139,7 +139,7 @@ def test_label_names_without_the_labels_key_say_so(tmp_path):
     ([{"prompt": "fun", "completion": "x"}, {"prompt": None, "completion": "x"}],
      "row 2: field 'prompt' must be non-empty text"),
     ([{"prompt": "fun"}], "missing column(s) ['completion']"),
-    ([{"prompt": "a " * 40, "completion": "x"}], "row 1: the prompt is 40 tokens"),
+    ([{"prompt": "a " * 40, "completion": "x"}], "row 1: field 'prompt' the prompt leaves no room"),
 ])
 def test_bad_generation_rows_name_file_row_and_field(tmp_path, rows, message):
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
@@ -186,3 +186,12 @@ def test_parse_labels(text, names):
 def test_parse_labels_refuses_bad_lists(text):
     with pytest.raises(ValueError, match="labels must be two or more distinct"):
         parse_labels(text)
+
+
+def test_the_reason_a_site_may_send_holds_no_value_from_the_file(tmp_path):
+    path = write_jsonl(tmp_path / "notes.jsonl", [{"text": "fun", "label": 1}, {"text": "secret words", "label": 7}])
+    with pytest.raises(SiteDataError) as error:
+        load_site_task(path, tiny_tokenizer(), "classification", 2, LABELS)
+    assert "7" in str(error.value) and str(tmp_path) in str(error.value)
+    assert error.value.reason == ("notes.jsonl: row 2: field 'label' has an unknown label; accepted: a name in "
+                                  "['negative', 'positive'] or an index in [0, 1]")
