@@ -25,7 +25,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 from torch.utils._pytree import tree_map
 
 aten = torch.ops.aten
@@ -99,20 +99,45 @@ def _to_fp32(x):
 
 
 class FusedAttention(TorchFunctionMode):
-    """`F.scaled_dot_product_attention` → the memory-efficient kernel (what CUDA picks for these shapes)."""
+    """`F.scaled_dot_product_attention` → the memory-efficient kernel (what CUDA picks for these shapes).
+
+    Torch function modes are off inside a custom autograd Function's backward, where recomputing code
+    (reversible layers) calls attention again. So while the mode is open, `F.scaled_dot_product_attention`
+    is also swapped for `_fused_outside_the_mode`, which reaches the kernel from there too.
+    """
+
+    def __enter__(self):
+        self._replaced = F.scaled_dot_product_attention
+        F.scaled_dot_product_attention = _fused_outside_the_mode
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        F.scaled_dot_product_attention = self._replaced
+        return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
+        if func is _SDPA:
             return _efficient_attention(*args, **kwargs)
         return func(*args, **kwargs)
+
+
+_SDPA = F.scaled_dot_product_attention
+
+
+def _fused_outside_the_mode(*args, **kwargs):
+    if any(isinstance(mode, FusedAttention) for mode in _get_current_function_mode_stack()):
+        return _SDPA(*args, **kwargs)  # the modes see the call: autocast's cast, then the kernel
+    region = _ACTIVE[-1] if _ACTIVE else None  # an autocast region the backward opened itself
+    if region is not None:
+        args, kwargs = tree_map(region._to_low, (args, kwargs))
+    return _efficient_attention(*args, **kwargs)
 
 
 def _efficient_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                          enable_gqa=False):
     if query.dim() != 4:
-        return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
-                                              enable_gqa=enable_gqa)
+        return _SDPA(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
     batch, heads, q_len, _ = query.shape
     if key.shape[1] != heads:  # grouped-query attention: the kernel wants one key/value head per query head
         key = key.repeat_interleave(heads // key.shape[1], dim=1)
