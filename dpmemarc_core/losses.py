@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 
@@ -71,3 +73,70 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     if labels.dim() == 1:
         return classification_loss(logits, labels)
     return causal_lm_loss(logits, labels)
+
+
+def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype | None]:
+    """Autocast as it is now for `device_type`, to be re-entered when backward recomputes."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return device_type, True, torch.get_autocast_dtype(device_type)
+    return device_type, False, None
+
+
+def _autocast(state: tuple[str, bool, torch.dtype | None]):
+    device_type, enabled, dtype = state
+    return torch.autocast(device_type, dtype=dtype) if enabled else nullcontext()
+
+
+class _ChunkedHeadSummedNLL(torch.autograd.Function):
+    """Σ_t nll of each example with the (frozen) LM head applied inside each chunk of positions.
+
+    Saves only the hidden states (B·T·d, not B·T·V): the logits of one chunk exist at a time, in forward
+    and again when backward recomputes them under the autocast state the forward ran in, and the
+    gradient that leaves is the hidden states', so neither the logits nor their gradient is ever whole.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                chunk: int) -> torch.Tensor:
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.chunk = chunk
+        ctx.autocast = _autocast_state(hidden.device.type)
+        return sum(_summed_nll(F.linear(hidden[:, s:s + chunk], weight, bias), targets[:, s:s + chunk])
+                   for s in range(0, hidden.shape[1], chunk))
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        grad = torch.empty_like(hidden)
+        for s in range(0, hidden.shape[1], ctx.chunk):
+            with torch.enable_grad(), _autocast(ctx.autocast):
+                piece = hidden[:, s:s + ctx.chunk].detach().requires_grad_()
+                part = _summed_nll(F.linear(piece, weight, bias), targets[:, s:s + ctx.chunk])
+            grad[:, s:s + ctx.chunk] = torch.autograd.grad(part, piece, grad_total)[0]
+        return grad, None, None, None, None
+
+
+def causal_lm_loss_from_hidden(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor) -> torch.Tensor:
+    """`causal_lm_loss(head(hidden), labels)` without the B·T·V logits or their gradient: the head runs inside
+    the loss chunks. The head must be frozen (its weight gradient is not formed), e.g. a side network's LM head."""
+    if head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad):
+        raise ValueError("causal_lm_loss_from_hidden: the LM head must be frozen (requires_grad False)")
+    targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
+    chunk = max(1, CHUNK_LOGITS // max(1, hidden.shape[0] * head.out_features))
+    total = _ChunkedHeadSummedNLL.apply(hidden, head.weight, head.bias, targets, chunk)
+    counted = (targets != -100).sum(1).clamp(min=1)
+    return total / counted.to(total.dtype)
+
+
+def model_per_example_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                           labels: torch.Tensor) -> torch.Tensor:
+    """Per-example losses [B] of `model` on `batch` (inputs without the labels).
+
+    A model that sets `computes_per_example_loss` (the side network) computes them in its forward
+    (`labels=..., reduction="none"`), where it can keep vocabulary-wide logits from existing; every
+    other model's logits go through `per_example_loss`. Either way the call goes through the model's
+    `__call__`, so its forward hooks (BK, autocast) see it.
+    """
+    if getattr(model, "computes_per_example_loss", False):
+        return model(**batch, labels=labels, reduction="none").loss
+    return per_example_loss(model(**batch).logits, labels)

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from dpmemarc_core.losses import per_example_loss
+from dpmemarc_core.losses import model_per_example_loss
 from dpmemarc_core.privacy import BKEngine, PoissonBatchSampler, PrivacyAccountant, PrivacySettings, noise_multiplier_for
 from dpmemarc_core.privacy.noise import privatize_gradients
 from dpmemarc_core.privacy.randomness import PrivateRandomness
@@ -96,7 +96,7 @@ class PrivateTrainer:
         for chunk in self._micro_batches(indices):
             batch = {k: v.to(self.device) for k, v in self.collate([self.examples[i] for i in chunk]).items()}
             labels = batch.pop("labels")
-            losses = per_example_loss(self.model(**batch).logits, labels)
+            losses = model_per_example_loss(self.model, batch, labels)
             if self.engine is not None:
                 norms = self.engine.clipped_backward(losses)
                 stats.clipped = stats.clipped + (norms > self.privacy.max_grad_norm).sum()

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutput, SequenceClassifierOutput
 
-from dpmemarc_core.losses import per_example_loss
+from dpmemarc_core.losses import causal_lm_loss_from_hidden, per_example_loss
 from dpmemarc_core.methods.side_families import Family, read_family
 from dpmemarc_core.methods.side_generate import greedy_generate
 from dpmemarc_core.methods.side_init import init_from_backbone, plan_pruning
@@ -41,8 +41,11 @@ class SideTunedModel(nn.Module):
     """A frozen backbone plus a trainable ladder side network, called like the backbone.
 
     `forward(input_ids, attention_mask, labels, **backbone_kwargs)` returns `.logits` and, given labels,
-    `.loss`: the mean over examples of `dpmemarc_core.losses.per_example_loss`.
+    `.loss`: the mean over examples of `dpmemarc_core.losses.per_example_loss`. Trainers get the
+    per-example losses through `losses.model_per_example_loss`, which asks `reduction="none"`.
     """
+
+    computes_per_example_loss = True  # see losses.model_per_example_loss
 
     def __init__(self, backbone: nn.Module, family: Family, side: LadderSideNetwork) -> None:
         super().__init__()
@@ -77,27 +80,46 @@ class SideTunedModel(nn.Module):
         return states, out.last_hidden_state
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, **backbone_kwargs) -> SequenceClassifierOutput | CausalLMOutput:
+                labels: torch.Tensor | None = None, reduction: str = "mean",
+                **backbone_kwargs) -> SequenceClassifierOutput | CausalLMOutput:
+        """`.logits` and, given labels, `.loss`: the mean of the per-example losses, or with `reduction="none"`
+        the per-example losses [B] themselves; a generation model then runs its LM head inside the loss
+        chunks and returns no logits (the B·T·V logits and their gradient are never whole)."""
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"side: reduction must be 'mean' or 'none', got {reduction!r}")
         states, last_hidden = self.backbone_states(input_ids, attention_mask, **backbone_kwargs)
-        logits = self.logits_of(states, last_hidden, attention_mask)
+        if self.family.task == "classification":
+            last_hidden = None  # never read; dropped now, it does not sit through the side network's forward
         output_type = SequenceClassifierOutput if self.family.task == "classification" else CausalLMOutput
-        loss = per_example_loss(logits, labels).mean() if labels is not None else None
-        return output_type(loss=loss, logits=logits)
+        head = self.backbone.get_output_embeddings()
+        if labels is not None and reduction == "none" and isinstance(head, nn.Linear):
+            hidden = self._lm_hidden(self._side_states(states, attention_mask), last_hidden)
+            return output_type(loss=causal_lm_loss_from_hidden(hidden, head, labels), logits=None)
+        logits = self.logits_of(states, last_hidden, attention_mask)
+        if labels is None:
+            return output_type(loss=None, logits=logits)
+        losses = per_example_loss(logits, labels)
+        return output_type(loss=losses if reduction == "none" else losses.mean(), logits=logits)
 
-    def logits_of(self, states: list[torch.Tensor], last_hidden: torch.Tensor, attention_mask: torch.Tensor | None,
-                  last_only: bool = False) -> torch.Tensor:
+    def _side_states(self, states: list[torch.Tensor], attention_mask: torch.Tensor | None) -> torch.Tensor:
+        batch, length = states[0].shape[:2]
+        return self.side(states, allowed_keys(attention_mask, batch, length, self.family.causal, states[0].device))
+
+    def _lm_hidden(self, side: torch.Tensor, last_hidden: torch.Tensor) -> torch.Tensor:
+        """What a generation model's LM head reads: the backbone's final state plus the up-projected side state."""
+        return last_hidden + self.side.up(side).to(last_hidden.dtype)
+
+    def logits_of(self, states: list[torch.Tensor], last_hidden: torch.Tensor | None,
+                  attention_mask: torch.Tensor | None, last_only: bool = False) -> torch.Tensor:
         """The side network over the backbone `states` of every position; a generation model's logits at
         every position, or at the last one only (`last_only`: decoding needs no other, and the LM head
         over the whole sequence costs more than the side network)."""
-        batch, length = states[0].shape[:2]
-        allowed = allowed_keys(attention_mask, batch, length, self.family.causal, states[0].device)
-        side = self.side(states, allowed)
+        side = self._side_states(states, attention_mask)
         if self.family.task == "classification":
             return self.side.classifier(pool(side, attention_mask, self.family.pools_first_token))
         if last_only:
             side, last_hidden = side[:, -1:], last_hidden[:, -1:]
-        head = self.backbone.get_output_embeddings()
-        return head(last_hidden + self.side.up(side).to(last_hidden.dtype))
+        return self.backbone.get_output_embeddings()(self._lm_hidden(side, last_hidden))
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  max_new_tokens: int = 20, do_sample: bool = False, pad_token_id: int | None = None,
