@@ -22,7 +22,7 @@ from flwr.common import log
 
 from client.task import Site, site_for
 from dpmemarc_core.federated import FederatedConfig, load_numpy_state, reply_metrics, run_site_round, trainable_numpy_state
-from dpmemarc_core.federated_eval import evaluate_site
+from dpmemarc_core.federated_eval import EVAL_RELEASE, evaluate_site
 from dpmemarc_core.privacy.settings import check_epsilon
 from dpmemarc_core.site_budget import RUN_LINEAGE_KEY, SiteBudgetRecord, site_identity, state_dir
 from dpmemarc_core.site_data import SiteDataError
@@ -67,7 +67,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     site = _site(cfg, context)
     if isinstance(site, RecordDict):
         return Message(site, reply_to=msg)
-    record = _budget_record(context, msg.content["config"])
+    # The held-out rows' own record (parallel to training's: see dpmemarc_core.federated_eval).
+    record = _budget_record(context, msg.content["config"], release=EVAL_RELEASE)
     accountant = record.load(cfg.accountant)
     load_numpy_state(site.run.model, {name: array.numpy() for name, array in msg.content["arrays"].items()})
     outcome = evaluate_site(site.run.model, site.task, cfg, site.plan, accountant,
@@ -88,9 +89,10 @@ def _site(cfg: FederatedConfig, context: Context) -> Site | RecordDict:
         return RecordDict({"site": ConfigRecord({"status": "data-error", "reason": error.reason})})
 
 
-def _budget_record(context: Context, config: ConfigRecord) -> SiteBudgetRecord:
-    return SiteBudgetRecord(state_dir(context.node_config),
-                            site_identity(context.node_config, str(config.get(RUN_LINEAGE_KEY, ""))))
+def _budget_record(context: Context, config: ConfigRecord, release: str | None = None) -> SiteBudgetRecord:
+    identity = site_identity(context.node_config, str(config.get(RUN_LINEAGE_KEY, "")))
+    return SiteBudgetRecord(state_dir(context.node_config), identity if release is None else {**identity,
+                                                                                             "release": release})
 
 
 def site_max_epsilon(node_config: dict) -> float:

@@ -2,13 +2,12 @@
 
 A site counts the global model's correct predictions on its held-out rows and releases that count plus
 Gaussian noise of std σ_eval (``site-eval-noise-multiplier``; adding or removing one row changes the count by
-at most 1). The release is charged to the site's own accountant as one Gaussian mechanism at sample rate 1,
-composed with its training steps (conservative: held-out rows never train), and refused like a training round
-when it would pass the site's budget. The number of held-out rows is a fixed share of the site's N, public like
-N itself. Classification only: a count has sensitivity 1, a generation score has no such simple bound.
-
-The budget's σ for training is planned for training alone, so evaluations spend ε the plan did not reserve:
-with federated evaluation on, a site may run out before the run's last round (it then refuses that round).
+at most 1), each release accounted as one Gaussian mechanism at sample rate 1 and refused when it would take
+the held-out rows past the site's budget. The held-out rows never train, and whether a row is held out depends
+on that row alone (`site_data.hold_out`), so training and evaluation compose in parallel: each has its own
+accountant on the site's disk, and the site's guarantee is the larger of the two ε, each at most its budget.
+The number of held-out rows is released with the count (like N, a count the deployment treats as public).
+Classification only: a count has sensitivity 1, a generation score has no such simple bound.
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ from dpmemarc_core.privacy import PrivacyAccountant
 from dpmemarc_core.privacy.randomness import PrivateRandomness
 
 EVAL_METRIC_KEYS = ("noisy-correct", "eval-examples", "epsilon", "delta", "noise-multiplier")
+EVAL_RELEASE = "federated-eval"  # names the held-out rows' privacy record beside the site's training record
 
 
 @dataclass(frozen=True)

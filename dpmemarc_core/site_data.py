@@ -10,6 +10,7 @@ a held-out part only when federated evaluation asks for one.
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -219,12 +220,21 @@ def tokenize_generation(path: str | Path, rows: list[Row], tokenizer: PreTrained
 
 
 def hold_out(examples: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """(kept, held out): a seeded share `fraction` of `examples` held out; nothing when fraction is 0."""
+    """(kept, held out): each example is held out when a seeded hash of its tokens falls below ``fraction``.
+
+    Each example's side depends on that example alone (not on its position or on the other rows), so adding
+    or removing one row changes one side only: training and evaluation releases then compose in parallel.
+    """
     if fraction == 0:
         return examples, []
-    n_out = int(round(fraction * len(examples)))
-    if not 1 <= n_out < len(examples):
+    held = [_hash_share(example["input_ids"], seed) < fraction for example in examples]
+    kept, out = [e for e, h in zip(examples, held) if not h], [e for e, h in zip(examples, held) if h]
+    if not kept or not out:
         raise ValueError(f"holdout fraction {fraction} of {len(examples)} rows leaves no evaluation or no training "
                          "rows")
-    order = np.random.default_rng(seed).permutation(len(examples))
-    return [examples[i] for i in sorted(order[n_out:])], [examples[i] for i in sorted(order[:n_out])]
+    return kept, out
+
+
+def _hash_share(tokens: list[int], seed: int) -> float:
+    digest = hashlib.sha256(f"{seed}:{','.join(map(str, tokens))}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64

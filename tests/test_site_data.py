@@ -103,12 +103,15 @@ def test_generation_uses_the_chat_template_where_the_tokenizer_has_one(tmp_path)
         tok.eos_token_id]
 
 
-def test_holdout_splits_by_seed_and_n_is_the_training_rows(tmp_path):
-    path = write_jsonl(tmp_path / "s.jsonl", ROWS * 5)
-    task = load_site_task(path, tiny_tokenizer(), "classification", 2, LABELS, holdout_fraction=0.25, seed=3)
-    again = load_site_task(path, tiny_tokenizer(), "classification", 2, LABELS, holdout_fraction=0.25, seed=3)
-    assert (len(task.train), len(task.eval)) == (15, 5)
-    assert task.eval == again.eval
+def test_holdout_is_decided_per_row_so_one_more_row_moves_no_other(tmp_path):
+    rows = [{"text": " ".join(words), "label": i % 2} for i, words in enumerate(
+        (a, b) for a in ("good", "great", "fine", "lovely", "bad") for b in ("film", "plot", "scene", "actor"))]
+    load = lambda rows, name: load_site_task(write_jsonl(tmp_path / name, rows), tiny_tokenizer(), "classification",
+                                             2, LABELS, holdout_fraction=0.25, seed=3)
+    task, more = load(rows, "a.jsonl"), load(rows[:5] + [{"text": "awful", "label": 0}] + rows[5:], "b.jsonl")
+    assert 0 < len(task.eval) < len(rows) and len(task.train) + len(task.eval) == len(rows)
+    held = {tuple(e["input_ids"]) for e in task.eval}
+    assert held <= {tuple(e["input_ids"]) for e in more.eval} and len(more.eval) - len(task.eval) in (0, 1)
 
 
 # ---- bad data: the file, the row and the field in one message, before any training ----------------------
