@@ -17,9 +17,11 @@ from test_flower_rounds import run_config, server_identity, tiny_model_dir  # no
 from client.client_app import app as client_app
 from client.task import site_for
 from dpmemarc_core import site_data
+from dpmemarc_core.cli import main
 from dpmemarc_core.federated import FederatedConfig, build_run_model, load_numpy_state
 from dpmemarc_core.federated_data import server_eval_task
 from dpmemarc_core.federated_eval import EVAL_RELEASE
+from dpmemarc_core.methods import load_pretrained
 from dpmemarc_core.models import load_backbone
 from dpmemarc_core.site_budget import SiteBudgetRecord, site_identity, state_dir
 from server.checkpoint import read_metrics
@@ -81,6 +83,12 @@ def test_sites_train_on_their_own_files_and_the_server_reads_only_its_eval_file(
         torch.testing.assert_close(peft_model(**batch).logits, ours(**batch).logits, rtol=0, atol=1e-5)
     privacy = json.loads((final / "privacy.json").read_text())
     assert sorted(privacy["sites"]) == ["100", "101"] and all(s["steps"] == 4 for s in privacy["sites"].values())
+    # `dpmemarc export` of the run's directory (its last round and run.json) gives the same folder.
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "exported")]) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(load_pretrained(tmp_path / "exported")(**batch).logits, ours(**batch).logits,
+                                   rtol=0, atol=1e-5)
+    assert json.loads((tmp_path / "exported" / "privacy.json").read_text()) == privacy
 
 
 def test_without_eval_path_or_public_data_the_server_evaluates_nothing(tiny_model_dir, tmp_path):
