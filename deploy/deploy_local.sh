@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
 # A real deployment on this machine's loopback: a SuperLink with TLS and SuperNode authentication, one
-# authenticated SuperNode per site (each with its partition-id), then the run with a verdict (exit 0 only
-# if it completed). Every process this script starts is stopped by its PID when it exits.
+# authenticated SuperNode per site (each with its partition-id, or its own file), then the run with a verdict
+# (exit 0 only if it completed). Every process this script starts is stopped by its PID when it exits.
 #
 #   deploy/deploy_local.sh                                      # pyproject.toml's run config, 2 sites
 #   deploy/deploy_local.sh --run-config "num-server-rounds=1"   # extra arguments go to `flwr run`
+#   DPMEMARC_SITE_FILES="/srv/a.jsonl /srv/b.jsonl" deploy/deploy_local.sh \
+#       --run-config "task='classification' labels='negative,positive'"   # one site per file (start_site.sh)
 #
-# Environment: DPMEMARC_SITES (default 2), DPMEMARC_SUPERLINK_PORT (default 9091; SuperNodes use the next
-# ports), FLWR_HOME (default <repo>/.flwr_home; credentials are made once in $FLWR_HOME/credentials).
+# Environment: DPMEMARC_SITES (default 2; the number of files when DPMEMARC_SITE_FILES is set),
+# DPMEMARC_SUPERLINK_PORT (default 9091; SuperNodes use the next ports), FLWR_HOME (default <repo>/.flwr_home;
+# credentials are made once in $FLWR_HOME/credentials; the sites' privacy records go to $FLWR_HOME/site-<i>).
 # Across machines, run start_superlink.sh and start_supernode.sh on each (see docs/FEDERATED.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export FLWR_HOME="${FLWR_HOME:-$PWD/.flwr_home}"
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+read -r -a FILES <<< "${DPMEMARC_SITE_FILES:-}"
 SITES="${DPMEMARC_SITES:-2}"
+[ "${#FILES[@]}" -eq 0 ] || SITES="${#FILES[@]}"
 PORT="${DPMEMARC_SUPERLINK_PORT:-9091}"
 CREDENTIALS="$FLWR_HOME/credentials"
 CONNECTION="dpmemarc-deploy"
@@ -41,8 +46,13 @@ python3 deploy/set_connection.py --wait "$CONNECTION" "127.0.0.1:$PORT" --root-c
 
 for i in $(seq 0 $((SITES - 1))); do
   flwr supernode register "$CREDENTIALS/supernode-$i.pub" "$CONNECTION" --name "site-$i"
-  deploy/start_supernode.sh "$CREDENTIALS" "$i" "$SITES" "127.0.0.1:$PORT" $((PORT + 1 + i)) \
-    > "$LOGS/supernode-$i.log" 2>&1 &
+  if [ "${#FILES[@]}" -gt 0 ]; then
+    deploy/start_site.sh "$CREDENTIALS/supernode-$i" "$CREDENTIALS/ca.crt" "${FILES[$i]}" "127.0.0.1:$PORT" \
+      $((PORT + 1 + i)) "$FLWR_HOME/site-$i" > "$LOGS/supernode-$i.log" 2>&1 &
+  else
+    deploy/start_supernode.sh "$CREDENTIALS" "$i" "$SITES" "127.0.0.1:$PORT" $((PORT + 1 + i)) \
+      > "$LOGS/supernode-$i.log" 2>&1 &
+  fi
   PIDS+=($!)
 done
 
