@@ -7,7 +7,8 @@ import json
 import math
 import sys
 
-from dpmemarc_core.cli_args import delta_arg, epsilon_arg
+from dpmemarc_core.cli_args import delta_arg, epsilon_arg, memory_arg, physical_batch_size_arg
+from dpmemarc_core.precision import PRECISIONS
 from dpmemarc_core.presets import PRESETS, preset_config
 from dpmemarc_core.train import TrainConfig, train
 
@@ -47,8 +48,16 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     steps.add_argument("--epochs", type=float, default=None, help="default: the preset's")
     steps.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None, help="expected (Poisson) batch size; default: the preset's")
-    p.add_argument("--physical-batch-size", type=int, default=None,
-                   help="split each batch into micro-batches of this size to save memory")
+    p.add_argument("--physical-batch-size", type=physical_batch_size_arg, default=None,
+                   help="split each batch into micro-batches of this size to save memory; 'auto': the largest the "
+                        "memory simulator fits in --memory (on CUDA without --memory: the GPU's free memory); the "
+                        "expected batch, the noise and the accounting do not change")
+    p.add_argument("--memory", type=memory_arg, default=None,
+                   help="memory budget of --physical-batch-size auto, e.g. 8GiB")
+    p.add_argument("--precision", choices=list(PRECISIONS), default=None,
+                   help="bf16/fp16: frozen weights in that dtype, trainable weights fp32, autocast forward (fp16 with "
+                        "a loss scale); amp-bf16: all weights fp32, autocast bf16; fp32: no autocast (default: bf16 "
+                        "on a CUDA GPU that supports it, else fp32)")
     p.add_argument("--lr", type=float, default=None,
                    help="default: the preset's for the method, else 5e-4 (DP-Adam), 1e-5 for --method zo (DPZero)")
     p.add_argument("--zo-params", default=d.zo_params, choices=["full", "lora", "bitfit"],
@@ -84,7 +93,8 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     return preset_config(
         args.preset, args.method, model=args.model, task=args.task, epsilon=args.epsilon,
         secure_mode=args.secure_mode,
-        physical_batch_size=args.physical_batch_size, max_grad_norm=args.max_grad_norm,
+        physical_batch_size=args.physical_batch_size, memory=args.memory, precision=args.precision,
+        max_grad_norm=args.max_grad_norm,
         clipping_mode=args.clipping_mode, clip_fn=args.clip_fn, accountant=args.accountant, seed=args.seed,
         device=args.device, output=args.output, method_options=_method_options(args.method_option),
         zo_params=args.zo_params, progress=not args.no_progress, **given)

@@ -44,3 +44,25 @@ def positive_int(name: str):
         return value
 
     return parse
+
+
+def physical_batch_size_arg(text: str) -> int | str:
+    """`--physical-batch-size`: an integer >= 1, or 'auto'."""
+    if text == "auto":
+        return text
+    try:
+        return positive_int("--physical-batch-size")(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"--physical-batch-size must be an integer >= 1 or 'auto', got {text!r}") \
+            from None
+
+
+def memory_arg(text: str) -> str:
+    """`--memory`: a size such as 8GiB (checked here, kept as written for the run's config)."""
+    from dpmemarc_core.memory_plan import parse_memory_size
+
+    try:
+        parse_memory_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text

@@ -4,9 +4,10 @@
 two full training steps (the second is the steady state: Adam's moments exist from the first) and
 returns the peak live bytes with a breakdown by role.
 
-Precision bf16/fp16: frozen weights in that dtype, trainable weights fp32 (master copies), autocast
-around each forward of the model (the AMP recipe: loss, backward and optimizer outside it);
-amp-bf16: every weight fp32, autocast bf16; fp32: no autocast.
+Precision: the model is built in `precision.frozen_dtype` and the trainers set it up themselves
+(`precision.prepare_model`: fp32 master copies of the trainable weights, autocast around each forward),
+so the step measured here is `dpmemarc train`'s and the Flower client's, in the same set-up: bf16/fp16
+frozen weights in that dtype; amp-bf16 every weight fp32, autocast bf16; fp32 no autocast.
 
 - device "meta": nothing is allocated. The model lives on the meta device and `StorageTracker`
   counts live storage bytes (see memory_tracker.py); CUDA autocast and the fused attention kernel
@@ -36,7 +37,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -45,16 +46,12 @@ from transformers import PretrainedConfig
 import dpmemarc_core.privacy as privacy_package
 from dpmemarc_core.memory_tracker import ROLES, StorageTracker
 from dpmemarc_core.models import TASK_KINDS, build_from_config, published_config
+from dpmemarc_core.precision import PRECISIONS, autocast_context, frozen_dtype, prepare_model
 from dpmemarc_core.privacy import PrivacySettings
 from dpmemarc_core.train import ZO_PARAM_METHODS, PrivateTrainer, StepStats
 
 ENGINES = ("bk", "opacus", "nondp")
 DEVICES = ("meta", "cuda", "cpu")
-# precision → (dtype of the frozen weights, autocast dtype of the forward or None). Trainable weights are fp32.
-# "amp-bf16" is the plain AMP recipe: the model stays fp32 and autocast casts (and saves) bf16 copies.
-PRECISIONS: dict[str, tuple[torch.dtype, torch.dtype | None]] = {
-    "bf16": (torch.bfloat16, torch.bfloat16), "fp16": (torch.float16, torch.float16), "fp32": (torch.float32, None),
-    "amp-bf16": (torch.float32, torch.bfloat16)}
 # Encoder families are fine-tuned for classification (2 labels); every other family as a causal LM.
 ENCODER_FAMILIES = frozenset({"bert", "roberta", "xlm-roberta", "distilbert", "deberta", "deberta-v2", "electra",
                               "albert", "camembert", "mpnet"})
@@ -138,18 +135,15 @@ def step_memory(spec: MemorySpec) -> dict:
     from dpmemarc_core.methods import apply
 
     config, kind, device, model = _backbone(spec)
-    _, autocast_dtype = PRECISIONS[spec.precision]
     zo = spec.method == "zo"
     with device:
         model = apply(model, spec.zo_params if zo else spec.method, **spec.method_options)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError(f"method {spec.method!r} left no trainable parameter in {spec.model}")
-    for p in trainable if not zo else ():  # mixed precision keeps fp32 master copies of what an optimizer trains
-        if p.dtype != torch.float32:
-            p.data = p.data.float()
     batch = _random_batch(config, kind, spec)
 
+    # The trainers set the model up for spec.precision (precision.prepare_model), as in `dpmemarc train`.
     engine_dirs, step, optimizer = _stepper(model, spec, batch)
     tracker = StorageTracker(device.type, engine_dirs, vocab_size=config.vocab_size if kind == "generation" else None)
     tracker.register([p for p in model.parameters() if not p.requires_grad] + list(model.buffers()), "weights")
@@ -159,7 +153,7 @@ def step_memory(spec: MemorySpec) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    with tracker, _kernels(device, model, autocast_dtype):
+    with tracker, _kernels(device):
         for _ in range(STEPS):
             step()
     report = tracker.report()
@@ -188,7 +182,6 @@ def inference_memory(spec: MemorySpec) -> dict:
     """Peak bytes of one forward of `spec`'s backbone without autograd (no method applied; the batch, the
     precision and the device of `spec`): what serving the model takes, the floor a training step is held to."""
     config, kind, device, model = _backbone(spec)
-    _, autocast_dtype = PRECISIONS[spec.precision]
     model.eval()
     inputs = {k: v.to(device) for k, v in _random_batch(config, kind, spec).items() if k != "labels"}
     tracker = StorageTracker(device.type, vocab_size=config.vocab_size if kind == "generation" else None)
@@ -197,7 +190,7 @@ def inference_memory(spec: MemorySpec) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    with torch.no_grad(), tracker, _kernels(device, model, autocast_dtype):
+    with torch.no_grad(), tracker, _kernels(device), autocast_context(spec.precision, device.type):
         model(**inputs)
     report = tracker.report()
     peak = report.peak_bytes
@@ -223,7 +216,7 @@ def _backbone(spec: MemorySpec) -> tuple[PretrainedConfig, str, torch.device, to
     device = torch.device(spec.resolved_device)
     torch.manual_seed(spec.seed)
     model = build_from_config(config, kind, num_labels=spec.num_labels, device=device,
-                              dtype=PRECISIONS[spec.precision][0])
+                              dtype=frozen_dtype(spec.precision))
     return config, kind, device, model
 
 
@@ -247,6 +240,7 @@ def _stepper(model: torch.nn.Module, spec: MemorySpec, batch: dict[str, torch.Te
         device = next(model.parameters()).device
         on_device = {k: v.to(device) for k, v in batch.items()}
         sigma = NOISE_MULTIPLIER if math.isfinite(spec.epsilon) else 0.0
+        prepare_model(model, spec.precision, device)  # Opacus steps its own way, in our precision set-up
         opacus_step = OpacusStep(model, sigma, MAX_GRAD_NORM, spec.batch_size, LR)
         return [opacus_dir()], lambda: opacus_step(on_device), opacus_step.inner_optimizer
 
@@ -259,7 +253,8 @@ def _stepper(model: torch.nn.Module, spec: MemorySpec, batch: dict[str, torch.Te
                                   max_grad_norm=MAX_GRAD_NORM)
         examples = [{k: v[i] for k, v in batch.items()} for i in range(spec.batch_size)]
         trainer = zo_module.ZOTrainer(model, examples, _stack, privacy, sample_rate=1.0, noise_multiplier=sigma,
-                                      seed=spec.seed, device=next(model.parameters()).device)
+                                      seed=spec.seed, device=next(model.parameters()).device,
+                                      precision=spec.precision)
         indices = list(range(spec.batch_size))
         stats = StepStats()
         # Only z's code is the engine: zo.py releases the logits of each forward, which the tracker's rule
@@ -274,7 +269,7 @@ def _stepper(model: torch.nn.Module, spec: MemorySpec, batch: dict[str, torch.Te
     examples = [{k: v[i] for k, v in batch.items()} for i in range(spec.batch_size)]
     sigma = NOISE_MULTIPLIER if math.isfinite(epsilon) else 0.0
     trainer = PrivateTrainer(model, examples, _stack, privacy, sample_rate=1.0, noise_multiplier=sigma, lr=LR,
-                             device=next(model.parameters()).device)
+                             device=next(model.parameters()).device, precision=spec.precision)
     indices = list(range(spec.batch_size))
     stats = StepStats()
     return [os.path.dirname(privacy_package.__file__)], lambda: trainer.step(indices, stats), trainer.optimizer
@@ -310,35 +305,16 @@ def _watch_phases(model: torch.nn.Module, optimizer: torch.optim.Optimizer | Non
 
 
 @contextmanager
-def _kernels(device: torch.device, model: torch.nn.Module, low: torch.dtype | None) -> Iterator[None]:
-    """Autocast around each forward of `model`, as the AMP recipe has it (loss, backward and optimizer
-    run outside); on meta, the emulation of autocast and of CUDA's fused attention kernel."""
-    with ExitStack() as step:
-        if device.type == "meta":
-            from dpmemarc_core.memory_emulation import (
-                FusedAttention,
-                MetaAutocast,
-                meta_autocast_queries,
-                meta_values_unknown,
-            )
+def _kernels(device: torch.device) -> Iterator[None]:
+    """On meta, the emulation of what a CUDA GPU runs: autocast (behind `torch.autocast("meta", ...)`, which
+    the trainers' precision set-up enters around each forward) and the fused attention kernel."""
+    if device.type != "meta":
+        yield
+        return
+    from dpmemarc_core.memory_emulation import FusedAttention, meta_autocast_queries, meta_values_unknown
 
-            step.enter_context(meta_values_unknown())
-            step.enter_context(meta_autocast_queries())
-            step.enter_context(FusedAttention())
-        if low is None:
-            yield
-            return
-        region = step.enter_context(ExitStack())
-
-        def enter(*_) -> None:
-            region.enter_context(MetaAutocast(low) if device.type == "meta" else torch.autocast(device.type, dtype=low))
-
-        handles = [model.register_forward_pre_hook(enter), model.register_forward_hook(lambda *_: region.close())]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
+    with meta_values_unknown(), meta_autocast_queries(), FusedAttention():
+        yield
 
 
 def format_report(result: dict) -> str:

@@ -15,6 +15,7 @@ logical batch fits) or 3. Simulations are cached on disk (`memory_cache`).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import multiprocessing
 import re
@@ -22,8 +23,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 
-from dpmemarc_core.memory import MemorySpec, step_memory
-from dpmemarc_core.memory_cache import cached
+import torch
+
+from dpmemarc_core.memory import GIB, MemorySpec, step_memory
+from dpmemarc_core.memory_cache import cache_root, cached
 
 PLAN_METHODS = ("full", "lora", "adapter", "bitfit", "side", "rev", "zo")
 # Among options equally fast (same micro-steps per logical batch), the method that learnt more in the
@@ -170,3 +173,38 @@ def _rank(option: PlanOption) -> tuple:
     if option.fits:
         return (0, option.steps_per_batch, METHOD_PREFERENCE.index(option.method), 0)
     return (1, 0, 0, option.peak_bytes)
+
+
+def config_file(config) -> str:
+    """A config.json holding `config` (a loaded model's `PretrainedConfig`), for `MemorySpec.model`: stored in
+    the cache directory under a name made from its content, so equal configs share cached simulations."""
+    text = config.to_json_string(use_diff=False)
+    path = cache_root() / "configs" / f"{hashlib.sha256(text.encode()).hexdigest()[:24]}.json"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return str(path)
+
+
+def memory_budget(memory: str | None, device: torch.device) -> int:
+    """The budget of `physical batch size auto`: `memory` when given (e.g. "8GiB"), else on a CUDA device
+    its free memory now (call it before the model is moved there)."""
+    if memory:
+        return parse_memory_size(memory, "memory")
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    raise ValueError(f"physical batch size 'auto' needs a memory budget on device {device.type!r} (no CUDA to ask): "
+                     "give one with --memory (run config: memory), e.g. 8GiB")
+
+
+def auto_physical_batch_size(spec: MemorySpec, budget_bytes: int) -> PlanOption:
+    """The largest micro-batch of `spec` (its batch size is the logical one) that fits `budget_bytes`, or a
+    ValueError saying what the smallest needs."""
+    option = largest_fitting_batch(spec, budget_bytes)
+    if not option.fits:
+        raise ValueError(f"physical batch size 'auto': {spec.method} does not fit in {budget_bytes / GIB:.2f} GiB "
+                         f"even one example at a time (simulated peak {option.peak_bytes / GIB:.2f} GiB, "
+                         f"{required_bytes(option.peak_bytes) / GIB:.2f} GiB with the simulator's margin); try "
+                         "`dpmemarc plan` for a method that fits, or a shorter max length")
+    return option

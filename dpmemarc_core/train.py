@@ -11,7 +11,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from dpmemarc_core.losses import model_per_example_loss
+from dpmemarc_core.precision import LossScaler, autocast_context, frozen_dtype, prepare_model, resolve_precision
 from dpmemarc_core.privacy import BKEngine, PoissonBatchSampler, PrivacyAccountant, PrivacySettings, noise_multiplier_for
 from dpmemarc_core.privacy.noise import privatize_gradients
 from dpmemarc_core.privacy.randomness import PrivateRandomness
@@ -58,13 +59,20 @@ class PrivateTrainer:
 
     Batches and noise come from OS entropy (`privacy.secure_mode`: from a CSPRNG). `sampling_seed` and
     `noise_seed` fix them and so BREAK PRIVACY: tests and debugging only.
+
+    `precision` (see `dpmemarc_core.precision`): the model is set up for it here (fp32 master copies of the
+    trainable weights, autocast around each forward); fp16 adds a `LossScaler`, whose docstring says what
+    happens on a step with inf/NaN.
     """
 
     def __init__(self, model: torch.nn.Module, examples: Sequence[dict], collate: Collate,
                  privacy: PrivacySettings, sample_rate: float, noise_multiplier: float, lr: float = 5e-4,
                  accountant: PrivacyAccountant | None = None, physical_batch_size: int | None = None,
                  device: torch.device | str | None = None, *, sampling_seed: int | None = None,
-                 noise_seed: int | None = None) -> None:
+                 noise_seed: int | None = None, precision: str = "fp32") -> None:
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        prepare_model(model, precision, self.device)
+        self.scaler = LossScaler() if precision == "fp16" else None
         self.model = model
         self.examples = examples
         self.collate = collate
@@ -73,7 +81,6 @@ class PrivateTrainer:
         self.noise_multiplier = float(noise_multiplier)
         self.accountant = accountant if accountant is not None else PrivacyAccountant(privacy.accountant)
         self.physical_batch_size = physical_batch_size
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(self.params, lr=lr)
         self.sampling, self.noise = private_randomness(privacy, self.device, sampling_seed, noise_seed)
@@ -93,17 +100,28 @@ class PrivateTrainer:
 
     def step(self, indices: list[int], stats: StepStats) -> None:
         self.model.train()
+        scale = self.scaler.scale if self.scaler is not None else 1.0
+        overflowed: torch.Tensor | bool = False  # some example's scaled gradient was not finite (fp16 only)
         for chunk in self._micro_batches(indices):
             batch = {k: v.to(self.device) for k, v in self.collate([self.examples[i] for i in chunk]).items()}
             labels = batch.pop("labels")
             losses = model_per_example_loss(self.model, batch, labels)
             if self.engine is not None:
-                norms = self.engine.clipped_backward(losses)
+                norms = self.engine.clipped_backward(losses, loss_scale=scale)
                 stats.clipped = stats.clipped + (norms > self.privacy.max_grad_norm).sum()
+                if self.scaler is not None:
+                    overflowed = overflowed | ~torch.isfinite(norms).all()
             else:
-                (losses.sum() / self.expected_batch_size).backward()
+                (losses.sum() * (scale / self.expected_batch_size)).backward()
             stats.loss_sum = stats.loss_sum + losses.detach().sum()
             stats.examples += len(chunk)
+        if self.scaler is not None and not self.scaler.unscale_(self.params, overflowed):
+            # Skipped, and still counted: see LossScaler.
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.engine is not None:
+                self.accountant.step(self.noise_multiplier, self.sample_rate)
+            stats.steps += 1
+            return
         if self.engine is not None:
             privatize_gradients(self.params, self.noise_multiplier, self.privacy.max_grad_norm,
                                 self.expected_batch_size, self.noise)
@@ -154,7 +172,11 @@ class TrainConfig:
     epochs: float | None = None
     max_steps: int | None = None
     batch_size: int = 32
-    physical_batch_size: int | None = None
+    # Micro-batch size; "auto": the largest the memory simulator fits in `memory` (or, on CUDA without it, in
+    # the GPU's free memory). It never changes the expected batch, the noise or the accounting.
+    physical_batch_size: int | str | None = None
+    memory: str | None = None  # budget of physical_batch_size "auto", e.g. "8GiB"
+    precision: str | None = None  # bf16 | fp16 | amp-bf16 | fp32; None: bf16 on a CUDA GPU that has it, else fp32
     lr: float | None = None  # None: 5e-4 (the paper's DP-Adam) for BK methods, DPZero's 1e-5 for zo
     max_grad_norm: float = 1.0
     clipping_mode: str = "mixed"
@@ -218,6 +240,34 @@ def evaluate(model: torch.nn.Module, task, tokenizer, batch_size: int) -> dict:
     return evaluate_generation(model, tokenizer, task)
 
 
+def check_physical_batch_size(value: object, name: str = "physical_batch_size") -> None:
+    """None (the whole batch at once), an integer >= 1, or "auto"."""
+    if value is None or value == "auto":
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1 or 'auto', got {value!r}")
+
+
+def choose_physical_batch_size(cfg: TrainConfig, config, kind: str, device: torch.device) -> int:
+    """`physical_batch_size = "auto"`: the largest micro-batch whose simulated step (this run's model config,
+    method, precision, expected batch and max length) fits the budget (`memory_plan.memory_budget`)."""
+    from dpmemarc_core.data import num_labels_of
+    from dpmemarc_core.memory import MemorySpec
+    from dpmemarc_core.memory_plan import auto_physical_batch_size, config_file, memory_budget
+
+    budget = memory_budget(cfg.memory, device)
+    spec = MemorySpec(model=config_file(config), method=cfg.method, batch_size=cfg.batch_size, seq_len=cfg.max_length,
+                      precision=cfg.precision, device="meta", epsilon=cfg.epsilon, clipping_mode=cfg.clipping_mode,
+                      method_options=dict(cfg.method_options),
+                      zo_params=cfg.zo_params if cfg.method == "zo" else "full", task_kind=kind, num_labels=max(num_labels_of(cfg.task), 2))
+    option = auto_physical_batch_size(spec, budget)
+    print(f"dpmemarc: physical batch size auto: {option.physical_batch_size} ({option.steps_per_batch} micro-batch(es) "
+          f"per expected batch of {cfg.batch_size}); simulated peak {option.peak_bytes / 2 ** 30:.2f} GiB in a budget "
+          f"of {budget / 2 ** 30:.2f} GiB ({'--memory' if cfg.memory else 'free CUDA memory'}); the expected batch, "
+          "the noise and the accounting are unchanged", flush=True)
+    return option.physical_batch_size
+
+
 def train(cfg: TrainConfig) -> dict:
     """One private fine-tuning run: evaluate, train, evaluate, write summary.json, the trainable state and the
     export folder ``final/`` (see `dpmemarc_core.methods.save_pretrained`)."""
@@ -235,15 +285,22 @@ def train(cfg: TrainConfig) -> dict:
                               secure_mode=cfg.secure_mode)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
+    # summary.json records the precision and micro-batch that ran, not "default" or "auto".
+    cfg = replace(cfg, precision=resolve_precision(cfg.precision, device))
+    check_physical_batch_size(cfg.physical_batch_size)
     kind = task_kind_of(cfg.task)
-    backbone, tokenizer = load_backbone(cfg.model, kind, num_labels=max(num_labels_of(cfg.task), 2))
+    backbone, tokenizer = load_backbone(cfg.model, kind, num_labels=max(num_labels_of(cfg.task), 2),
+                                        dtype=frozen_dtype(cfg.precision))
     task = load_task(cfg.task, tokenizer, max_length=cfg.max_length, max_train=cfg.max_train,
                      max_eval=cfg.max_eval, seed=cfg.seed)
     # DPZero (zo) trains, forward-only, another method's trainable part: the export is that method's.
     spec = ModelSpec(base_model=cfg.model, task_kind=kind, method=cfg.zo_params if cfg.method == "zo" else cfg.method,
                      num_labels=num_labels_of(cfg.task), method_options=cfg.method_options,
                      pad_token_id=backbone.config.pad_token_id)
+    if cfg.physical_batch_size == "auto":
+        cfg = replace(cfg, physical_batch_size=choose_physical_batch_size(cfg, backbone.config, kind, device))
     model = apply(backbone, spec.method, **cfg.method_options).to(device)
+    prepare_model(model, cfg.precision, device, master_copies=cfg.method != "zo")
     n = len(task.train)
     delta = privacy.resolved_delta(n)
     q = sample_rate_for(cfg.batch_size, n)
@@ -252,17 +309,19 @@ def train(cfg: TrainConfig) -> dict:
                                  accountant=privacy.accountant)
     print(f"dpmemarc: {cfg.method} on {cfg.model} / {cfg.task}: {n} training examples, {steps} steps at expected "
           f"batch {cfg.batch_size} (q={q:.4g}), epsilon={privacy.target_epsilon} delta={delta:.3g} -> noise "
-          f"multiplier {sigma:.4g}", flush=True)
+          f"multiplier {sigma:.4g}; precision {cfg.precision}", flush=True)
     eval_batch = cfg.physical_batch_size or max(cfg.batch_size, 32)
-    before = evaluate(model, task, tokenizer, eval_batch)
+    with autocast_context(cfg.precision, device.type):
+        before = evaluate(model, task, tokenizer, eval_batch)
     print(f"before training: {json.dumps(before)}", flush=True)
     trainer = make_trainer(cfg.method, model, task.train, task.collate, privacy, q, sigma, lr=cfg.lr,
                            physical_batch_size=cfg.physical_batch_size, device=device,
-                           sampling_seed=cfg.sampling_seed, noise_seed=cfg.noise_seed)
+                           sampling_seed=cfg.sampling_seed, noise_seed=cfg.noise_seed, precision=cfg.precision)
     start = time.perf_counter()
     train_stats = trainer.run(steps, progress=cfg.progress)
     seconds = time.perf_counter() - start
-    after = evaluate(model, task, tokenizer, eval_batch)
+    with autocast_context(cfg.precision, device.type):
+        after = evaluate(model, task, tokenizer, eval_batch)
     print(f"after training:  {json.dumps(after)}", flush=True)
     spent = trainer.accountant.get_epsilon(delta) if privacy.is_private else math.inf
     summary = {

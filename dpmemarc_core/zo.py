@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from dpmemarc_core.losses import per_example_loss
+from dpmemarc_core.precision import prepare_model
 from dpmemarc_core.privacy import PrivacyAccountant, PrivacySettings
 from dpmemarc_core.privacy.settings import check_count, check_sample_rate
 from dpmemarc_core.train import Collate, StepStats, private_randomness, run_steps
@@ -89,7 +90,11 @@ class ZOTrainer:
                  seed: int = 0, device: torch.device | str | None = None, *,
                  perturbation_scale: float = DEFAULT_PERTURBATION_SCALE,
                  direction_device: torch.device | str | None = None, sampling_seed: int | None = None,
-                 noise_seed: int | None = None) -> None:
+                 noise_seed: int | None = None, precision: str = "fp32") -> None:
+        # The same set-up as PrivateTrainer's, without fp32 master copies: no optimizer keeps state for them,
+        # and the perturbation is applied to the weights the forward reads.
+        prepare_model(model, precision, device if device is not None else trainable_parameters(model)[0].device,
+                      master_copies=False)
         self.model = model
         self.examples = examples
         self.collate = collate

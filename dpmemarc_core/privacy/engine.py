@@ -216,10 +216,18 @@ class BKEngine:
 
     # ---- the clipped backward --------------------------------------------------------------
 
-    def clipped_backward(self, per_example_loss: torch.Tensor) -> torch.Tensor:
-        """Add the clipped per-example gradient sum to `.grad`; return the unclipped norms [B]."""
+    def clipped_backward(self, per_example_loss: torch.Tensor, loss_scale: float = 1.0) -> torch.Tensor:
+        """Add the clipped per-example gradient sum to `.grad`; return the unclipped norms [B].
+
+        `loss_scale` S (fp16 loss scaling, `precision.LossScaler`): the backward runs on S·L so that fp16
+        gradients do not underflow; the norms are divided by S before clipping (the returned norms are the
+        true ones), an example whose norm is not finite (its scaled gradient overflowed) gets factor 0 and
+        contributes nothing, and `.grad` receives S times the clipped sum, for the caller to unscale.
+        """
         if per_example_loss.dim() != 1:
             raise ValueError(f"per_example_loss must be 1-D [batch], got shape {tuple(per_example_loss.shape)}")
+        if not (isinstance(loss_scale, (int, float)) and 0 < loss_scale < float("inf")):
+            raise ValueError(f"loss_scale must be a finite number > 0, got {loss_scale!r}")
         batch = per_example_loss.shape[0]
         if self._batch_size is not None and batch != self._batch_size:
             raise ValueError(f"per_example_loss has {batch} entries but the forward pass saw batch size "
@@ -231,21 +239,23 @@ class BKEngine:
             raise ValueError("per_example_loss does not depend on any trainable parameter (no grad_fn); "
                              "was the forward run under torch.no_grad()?")
         self._ghost.shared = self._static_shared | self._called_twice()
+        scaled = per_example_loss * loss_scale if loss_scale != 1.0 else per_example_loss
         try:
             _TAPPING[id(self._anchor)] = self._anchor
             if self.backward_passes == 1:
                 self._phase = "keep"
-                torch.autograd.grad(per_example_loss.sum(), [self._anchor], allow_unused=True)
-                norms = self._norms(batch, per_example_loss)
-                self._add_clipped_sums(self._clip_factors(norms))
+                torch.autograd.grad(scaled.sum(), [self._anchor], allow_unused=True)
+                norms = self._norms(batch, per_example_loss) / loss_scale
+                factors = self._clip_factors(norms, loss_scale != 1.0)
+                self._add_clipped_sums(factors, keep=None if loss_scale == 1.0 else factors > 0)
             else:
                 self._phase = "reduce"
-                torch.autograd.grad(per_example_loss.sum(), [self._anchor], allow_unused=True, retain_graph=True)
-                norms = self._norms(batch, per_example_loss)
-                factors = self._clip_factors(norms).to(per_example_loss.dtype)
+                torch.autograd.grad(scaled.sum(), [self._anchor], allow_unused=True, retain_graph=True)
+                norms = self._norms(batch, per_example_loss) / loss_scale
+                factors = self._clip_factors(norms, loss_scale != 1.0).to(per_example_loss.dtype)
                 self._phase = "replay"
                 _TAPPING.pop(id(self._anchor))
-                torch.autograd.backward((per_example_loss * factors.detach()).sum(), inputs=self.params)
+                torch.autograd.backward((scaled * factors.detach()).sum(), inputs=self.params)
         finally:
             _TAPPING.pop(id(self._anchor), None)
             self._reset()
@@ -282,19 +292,27 @@ class BKEngine:
                     squared = squared + 2 * factored_inner(u, v)
         return squared.clamp(min=0).sqrt()
 
-    def _clip_factors(self, norms: torch.Tensor) -> torch.Tensor:
+    def _clip_factors(self, norms: torch.Tensor, drop_non_finite: bool = False) -> torch.Tensor:
         if self.clip_fn == "automatic":
-            return self.max_grad_norm / (norms + self.gamma)
-        return (self.max_grad_norm / norms).clamp(max=1.0)  # norm 0 → inf → 1: no NaN, no branch
+            factors = self.max_grad_norm / (norms + self.gamma)
+        else:
+            factors = (self.max_grad_norm / norms).clamp(max=1.0)  # norm 0 → inf → 1: no NaN, no branch
+        if drop_non_finite:  # an overflowed example contributes 0 (still of norm <= C: sensitivity unchanged)
+            factors = torch.where(torch.isfinite(norms), factors, torch.zeros_like(factors))
+        return factors
 
-    def _add_clipped_sums(self, factors: torch.Tensor) -> None:
+    def _add_clipped_sums(self, factors: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """`keep` [B] (loss scaling): rows of examples not kept are zeroed first, since 0 · inf is NaN."""
         by_id = {id(p): p for p in self.params}
         for pid, book in self._books.items():
             param = by_id[pid]
             total = None
             if book.instantiated is not None:
-                total = instantiated_clipped_sum(book.instantiated, factors)
+                total = instantiated_clipped_sum(_rows(book.instantiated, keep), factors)
             for f in book.factored:
+                if keep is not None:
+                    f = Factored(right=_rows(f.right, keep), left=None if f.left is None else _rows(f.left, keep),
+                                 left_ids=f.left_ids)
                 part = factored_clipped_sum(f, factors, param.shape)
                 total = part if total is None else total + part
             total = total.to(param.dtype)
@@ -302,3 +320,10 @@ class BKEngine:
                 param.grad = total
             else:
                 param.grad.add_(total)
+
+
+def _rows(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """`x` [B, ...] with the rows of examples not in `keep` set to zero (no host sync)."""
+    if keep is None:
+        return x
+    return torch.where(keep.view(-1, *[1] * (x.dim() - 1)), x, torch.zeros((), dtype=x.dtype, device=x.device))
