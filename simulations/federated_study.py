@@ -77,7 +77,8 @@ def main() -> None:
             "num-server-rounds": args.rounds, "local-steps": args.local_steps, "batch-size": args.batch_size,
             "lr": args.lr, "target-epsilon": args.epsilon, "delta": args.delta, "partitioning": partitioning,
             "dirichlet-alpha": args.alpha, "max-train": args.max_train, "max-eval": args.max_eval,
-            "max-length": args.max_length, "device": "cpu", "min-valid-replies": 1, "output-dir": str(output),
+            "max-length": args.max_length, "device": "cpu", "min-valid-replies": 1, "min-train-nodes": 1,
+            "output-dir": str(output),
         }
         started, cpu = time.perf_counter(), cpu_seconds()
         run_rounds(InProcessGrid(client_app, run_config, sites), FederatedConfig.from_run_config(run_config))
