@@ -242,6 +242,18 @@ def test_pyproject_run_config_is_complete_and_matches_the_defaults():
     ({"method-options": "r=8"}, "method-options must be a JSON object"),
     ({"target-epsilon": -1.0}, "target_epsilon must satisfy"),
     ({"max-update-norm": 0.0}, "max-update-norm must satisfy"),
+    ({"task": "notes"}, "task must be one of"),
+    ({"task": "classification"}, "needs labels"),
+    ({"labels": "a,b,c"}, "labels names 3 classes, task 'movie-sentiment' has 2"),
+    ({"labels": "a,a"}, "labels must be two or more distinct"),
+    ({"fraction-train": 0.0}, "fraction-train must satisfy 0 < value <= 1"),
+    ({"min-train-nodes": 1}, "min-train-nodes must be >= min-valid-replies"),
+    ({"strategy": "fedyogi"}, "strategy must be one of"),
+    ({"strategy": "fedprox", "method": "zo"}, "method 'zo' has none"),
+    ({"federated-eval": True, "task": "generation"}, "classification only"),
+    ({"site-eval-fraction": 1.0}, "site-eval-fraction must satisfy 0 < value < 1"),
+    ({"client-dp-delta": 0.0}, "client-dp-delta must satisfy"),
+    ({"client-dp-target-epsilon": -1.0}, "client-dp-target-epsilon must be 0"),
 ])
 def test_bad_run_config_values_name_the_key(run_config, message):
     with pytest.raises(ValueError, match=message):
