@@ -126,6 +126,11 @@ class FederatedConfig:
             raise ValueError(f"proximal-mu must satisfy 0 <= value < inf, got {self.proximal_mu!r}")
         if self.strategy == "fedprox" and self.method == "zo":
             raise ValueError("strategy 'fedprox' adds a proximal term to the gradient; method 'zo' has none")
+        if self.strategy == "fedadam" and self.client_dp:
+            # Flower's DP wrapper noises what the inner strategy returns; FedAdam returns an Adam step whose
+            # sensitivity is not the clipped mean's, so that noise would not be calibrated.
+            raise ValueError("client-dp noises the mean of the clipped updates; with strategy 'fedadam' the server "
+                             "releases an Adam step of it instead: use fedavg or fedprox with client-dp")
         if not 0 < self.client_dp_delta < 1:
             raise ValueError(f"client-dp-delta must satisfy 0 < value < 1, got {self.client_dp_delta!r}")
         if not 0 <= self.client_dp_target_epsilon < math.inf:

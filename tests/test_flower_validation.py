@@ -250,6 +250,7 @@ def test_pyproject_run_config_is_complete_and_matches_the_defaults():
     ({"min-train-nodes": 1}, "min-train-nodes must be >= min-valid-replies"),
     ({"strategy": "fedyogi"}, "strategy must be one of"),
     ({"strategy": "fedprox", "method": "zo"}, "method 'zo' has none"),
+    ({"strategy": "fedadam", "client-dp": True}, "use fedavg or fedprox with client-dp"),
     ({"federated-eval": True, "task": "generation"}, "classification only"),
     ({"site-eval-fraction": 1.0}, "site-eval-fraction must satisfy 0 < value < 1"),
     ({"client-dp-delta": 0.0}, "client-dp-delta must satisfy"),
