@@ -21,7 +21,13 @@ from flwr.clientapp import ClientApp
 from flwr.common import log
 
 from client.task import Site, site_for
-from dpmemarc_core.federated import FederatedConfig, load_numpy_state, reply_metrics, run_site_round, trainable_numpy_state
+from dpmemarc_core.federated import (
+    FederatedConfig,
+    load_numpy_state,
+    reply_metrics,
+    run_site_round,
+    trainable_numpy_state,
+)
 from dpmemarc_core.federated_eval import EVAL_RELEASE, evaluate_site
 from dpmemarc_core.privacy.settings import check_epsilon
 from dpmemarc_core.site_budget import RUN_LINEAGE_KEY, SiteBudgetRecord, site_identity, state_dir

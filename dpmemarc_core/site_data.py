@@ -84,7 +84,8 @@ def _read_saved(path: Path) -> datasets.Dataset:
     try:
         table = datasets.load_from_disk(str(path), keep_in_memory=True)
     except Exception as error:
-        raise SiteDataError(path, "not a readable datasets save_to_disk folder", detail=f": {_reason(error)}") from error
+        raise SiteDataError(path, "not a readable datasets save_to_disk folder",
+                            detail=f": {_reason(error)}") from error
     if isinstance(table, datasets.DatasetDict):
         if "train" in table:
             return table["train"]

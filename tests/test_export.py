@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from test_bk_engine import LABELS, build, make_batch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from dpmemarc_core.methods import ModelSpec, apply, load_pretrained, save_pretrained, trainable_state_dict
+from dpmemarc_core.methods import ModelSpec, load_pretrained, save_pretrained, trainable_state_dict
 from dpmemarc_core.methods.pretrained import PEFT_FILES, TRAINABLE_FILE, build_model, export_state
 from dpmemarc_core.models import load_model
 

@@ -140,7 +140,8 @@ def read_spec(directory: str | Path) -> ModelSpec:
     return ModelSpec.from_dict(json.loads(path.read_text()))
 
 
-def load_pretrained(directory: str | Path, base_model: str | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+def load_pretrained(directory: str | Path, base_model: str | None = None,
+                    dtype: torch.dtype | None = None) -> nn.Module:
     """The model an export folder describes, in eval mode, with outputs equal to the model that was exported.
 
     ``base_model`` replaces the base named in ``dpmemarc.json`` (a local copy of the same weights, say).
