@@ -31,7 +31,8 @@ _SITES: dict[tuple, Site] = {}
 
 def model_key(cfg: FederatedConfig) -> tuple:
     """The settings that decide the model (not the data, training or privacy settings)."""
-    return (cfg.model, cfg.task, cfg.labels, cfg.method, cfg.method_options, cfg.zo_params, cfg.seed, cfg.device)
+    return (cfg.model, cfg.task, cfg.labels, cfg.method, cfg.method_options, cfg.zo_params, cfg.seed, cfg.device,
+            cfg.precision)
 
 
 def site_for(cfg: FederatedConfig, node_config: Mapping[str, object]) -> Site:

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from dpmemarc_core.data import TASKS, Task, num_labels_of, task_kind_of
+from dpmemarc_core.memory_plan import parse_memory_size
+from dpmemarc_core.precision import AUTO, autocast_context, frozen_dtype, prepare_model, resolve_precision
 from dpmemarc_core.privacy import PrivacyAccountant, PrivacySettings, noise_multiplier_for
 from dpmemarc_core.privacy.settings import check_count
 from dpmemarc_core.train import ZO_PARAM_METHODS, evaluate, make_trainer, resolve_device, sample_rate_for
@@ -44,7 +46,10 @@ class FederatedConfig:
     """The run config of a federated run (`[tool.flwr.app.config]`, keys with dashes).
 
     Defaults equal pyproject.toml's (a test keeps them in step). Zero means "unset" where TOML has no
-    null: ``delta = 0`` is 1/(10N) of each site (N its number of examples), ``physical-batch-size = 0`` is the whole batch at once,
+    null: ``delta = 0`` is 1/(10N) of each site (N its number of examples), ``physical-batch-size = 0`` is the whole
+    batch at once (``"auto"``: the largest micro-batch the memory simulator fits in ``memory``, or on CUDA in the
+    GPU's free memory; each site fits its own GPU with the same privacy), ``memory = ""`` gives no budget,
+    ``precision = "auto"`` is bf16 on a CUDA GPU that supports it and fp32 elsewhere,
     ``max-train = 0`` / ``max-eval = 0`` keep every example, ``client-dp-target-epsilon = 0`` sets no
     client-level budget, ``labels = ""`` takes the task's label indices, ``eval-path = ""`` names no
     evaluation file.
@@ -66,7 +71,9 @@ class FederatedConfig:
     delta: float = 0.0
     local_steps: int = 16
     batch_size: int = 64
-    physical_batch_size: int = 0
+    physical_batch_size: int | str = 0
+    memory: str = ""
+    precision: str = "auto"
     lr: float = 0.005
     max_grad_norm: float = 1.0
     clipping_mode: str = "mixed"
@@ -102,8 +109,17 @@ class FederatedConfig:
         for name in ("num_server_rounds", "local_steps", "batch_size", "max_length", "min_valid_replies",
                      "min_train_nodes"):
             check_count(getattr(self, name), _key(name), minimum=1)
-        for name in ("physical_batch_size", "max_train", "max_eval", "seed"):
+        for name in ("max_train", "max_eval", "seed"):
             check_count(getattr(self, name), _key(name), minimum=0)
+        if self.physical_batch_size != "auto":
+            if isinstance(self.physical_batch_size, str):
+                raise ValueError(f"physical-batch-size must be an integer >= 0 or \"auto\", "
+                                 f"got {self.physical_batch_size!r}")
+            check_count(self.physical_batch_size, "physical-batch-size", minimum=0)
+        if self.memory:
+            parse_memory_size(self.memory, "memory")
+        if self.precision != AUTO:
+            resolve_precision(self.precision, "cpu")
         for name in ("lr", "max_update_norm", "dirichlet_alpha", "client_dp_clipping_norm", "round_timeout",
                      "server_lr", "site_eval_noise_multiplier"):
             if not 0 < getattr(self, name) < math.inf:
@@ -212,6 +228,11 @@ class FederatedConfig:
     def torch_device(self) -> torch.device:
         return resolve_device(None if self.device == "auto" else self.device)
 
+    def eval_batch_size(self) -> int:
+        """Evaluation runs without autograd: the configured micro-batch when one is set, else 64."""
+        size = self.physical_batch_size
+        return size if isinstance(size, int) and size > 0 else 64
+
 
 def _key(name: str) -> str:
     return name.replace("_", "-")
@@ -226,6 +247,8 @@ def _typed(key: str, value: object, kind: str) -> object:
     elif kind == "float":
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
+    elif kind == "int | str":
+        ok = isinstance(value, (int, str)) and not isinstance(value, bool)
     else:
         ok = isinstance(value, str)
     if not ok:
@@ -245,6 +268,7 @@ class RunModel:
     tokenizer: object
     device: torch.device
     spec: object  # dpmemarc_core.methods.ModelSpec
+    precision: str  # resolved: bf16, fp16, amp-bf16 or fp32
 
 
 def build_run_model(cfg: FederatedConfig) -> RunModel:
@@ -258,15 +282,19 @@ def build_run_model(cfg: FederatedConfig) -> RunModel:
     from dpmemarc_core.models import load_backbone
 
     torch.manual_seed(cfg.seed)
+    device = cfg.torch_device()
+    precision = resolve_precision(cfg.precision, device)
     # generation has 0 labels and ignores the argument
-    backbone, tokenizer = load_backbone(cfg.model, cfg.task_kind(), num_labels=max(cfg.num_labels(), 2))
+    backbone, tokenizer = load_backbone(cfg.model, cfg.task_kind(), num_labels=max(cfg.num_labels(), 2),
+                                        dtype=frozen_dtype(precision))
     # DPZero (zo) trains, forward-only, the trainable part of another method: the export is that method's.
     spec = ModelSpec(base_model=cfg.model, task_kind=cfg.task_kind(), num_labels=cfg.num_labels(),
                      labels=cfg.label_names(), method=cfg.zo_params if cfg.method == "zo" else cfg.method,
                      method_options=cfg.method_kwargs(), pad_token_id=backbone.config.pad_token_id)
-    device = cfg.torch_device()
     model = apply(backbone, spec.method, **spec.method_options).to(device)
-    return RunModel(model=model, tokenizer=tokenizer, device=device, spec=spec)
+    # The trainers of every round use this set-up (precision.prepare_model is idempotent).
+    prepare_model(model, precision, device, master_copies=cfg.method != "zo")
+    return RunModel(model=model, tokenizer=tokenizer, device=device, spec=spec, precision=precision)
 
 
 # ---- one site's privacy and rounds ------------------------------------------------------------------------
@@ -348,9 +376,11 @@ def run_site_round(model: nn.Module, task: Task, cfg: FederatedConfig, plan: Sit
         torch.cuda.reset_peak_memory_stats(device)
     # Batches and noise come from the trainer's OS-entropy streams: the run config (and any seed in it) is
     # known to every party, so nothing derived from it may choose them.
+    precision = getattr(model, "_dpmemarc_precision", None) or resolve_precision(cfg.precision, device)
+    physical = site_physical_batch_size(cfg, model, precision, device)
     trainer = make_trainer(cfg.method, model, task.train, task.collate, privacy, plan.sample_rate,
                            plan.noise_multiplier, lr=cfg.lr, accountant=accountant,
-                           physical_batch_size=cfg.physical_batch_size or None, device=device)
+                           physical_batch_size=physical, device=device, precision=precision)
     if proximal_mu > 0:
         add_proximal_term(trainer, proximal_mu)
     start = time.perf_counter()
@@ -361,9 +391,37 @@ def run_site_round(model: nn.Module, task: Task, cfg: FederatedConfig, plan: Sit
             trainer.engine.detach()  # the model is reused next round; a new trainer hooks it again
     epsilon = accountant.get_epsilon(plan.delta) if privacy.is_private else math.inf
     diagnostics = {"train_loss": stats["train_loss"], "examples_seen": stats["examples"],
+                   "physical_batch_size": physical, "precision": precision,
                    "peak_memory_bytes": peak_memory_bytes(device), "seconds": time.perf_counter() - start}
     return SiteRound(trained=True, epsilon=epsilon, epsilon_if_trained=epsilon, steps=stats["steps"],
                      total_steps=accountant.steps, local_diagnostics=diagnostics)
+
+
+def site_physical_batch_size(cfg: FederatedConfig, model: nn.Module, precision: str,
+                             device: torch.device) -> int | None:
+    """The site's micro-batch: ``physical-batch-size`` (0: None, the whole batch), or for "auto" the largest
+    one whose simulated step fits this site's budget (``memory``, else the CUDA device's free memory plus what
+    this process already holds there: the model, which the simulated step counts too). Simulations are cached
+    on disk, so later rounds decide in milliseconds. Only the micro-batch depends on the site's GPU: the
+    expected batch, the noise and the accounting are the run's."""
+    if cfg.physical_batch_size != "auto":
+        return cfg.physical_batch_size or None
+    from dpmemarc_core.memory import MemorySpec
+    from dpmemarc_core.memory_plan import auto_physical_batch_size, config_file, format_bytes, memory_budget
+
+    budget = memory_budget(cfg.memory, device)
+    if not cfg.memory and device.type == "cuda":
+        budget += torch.cuda.memory_allocated(device)
+    spec = MemorySpec(model=config_file(model.config), method=cfg.method, batch_size=cfg.batch_size,
+                      seq_len=cfg.max_length, precision=precision, device="meta",
+                      epsilon=cfg.target_epsilon, clipping_mode=cfg.clipping_mode, method_options=cfg.method_kwargs(),
+                      zo_params=cfg.zo_params if cfg.method == "zo" else "full", task_kind=cfg.task_kind(),
+                      num_labels=max(cfg.num_labels(), 2))
+    option = auto_physical_batch_size(spec, budget)
+    print(f"dpmemarc site: physical batch size auto: {option.physical_batch_size} ({option.steps_per_batch} "
+          f"micro-batch(es) per expected batch of {cfg.batch_size}); simulated peak {format_bytes(option.peak_bytes)} "
+          f"in a budget of {format_bytes(budget)}", flush=True)
+    return option.physical_batch_size
 
 
 def add_proximal_term(trainer, mu: float) -> None:
@@ -424,4 +482,5 @@ def evaluate_numpy_state(run: RunModel, task: Task | None, arrays: Mapping[str, 
     if task is None:
         return {}
     load_numpy_state(run.model, arrays)
-    return evaluate(run.model, task, run.tokenizer, batch_size)
+    with autocast_context(run.precision, run.device.type):
+        return evaluate(run.model, task, run.tokenizer, batch_size)

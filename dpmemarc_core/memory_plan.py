@@ -208,3 +208,8 @@ def auto_physical_batch_size(spec: MemorySpec, budget_bytes: int) -> PlanOption:
                          f"{required_bytes(option.peak_bytes) / GIB:.2f} GiB with the simulator's margin); try "
                          "`dpmemarc plan` for a method that fits, or a shorter max length")
     return option
+
+
+def format_bytes(size: int) -> str:
+    """GiB above 1 GiB, else MiB, with two decimals."""
+    return f"{size / GIB:.2f} GiB" if size >= GIB else f"{size / 2 ** 20:.2f} MiB"

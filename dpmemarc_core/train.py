@@ -253,7 +253,7 @@ def choose_physical_batch_size(cfg: TrainConfig, config, kind: str, device: torc
     method, precision, expected batch and max length) fits the budget (`memory_plan.memory_budget`)."""
     from dpmemarc_core.data import num_labels_of
     from dpmemarc_core.memory import MemorySpec
-    from dpmemarc_core.memory_plan import auto_physical_batch_size, config_file, memory_budget
+    from dpmemarc_core.memory_plan import auto_physical_batch_size, config_file, format_bytes, memory_budget
 
     budget = memory_budget(cfg.memory, device)
     spec = MemorySpec(model=config_file(config), method=cfg.method, batch_size=cfg.batch_size, seq_len=cfg.max_length,
@@ -262,8 +262,8 @@ def choose_physical_batch_size(cfg: TrainConfig, config, kind: str, device: torc
                       zo_params=cfg.zo_params if cfg.method == "zo" else "full", task_kind=kind, num_labels=max(num_labels_of(cfg.task), 2))
     option = auto_physical_batch_size(spec, budget)
     print(f"dpmemarc: physical batch size auto: {option.physical_batch_size} ({option.steps_per_batch} micro-batch(es) "
-          f"per expected batch of {cfg.batch_size}); simulated peak {option.peak_bytes / 2 ** 30:.2f} GiB in a budget "
-          f"of {budget / 2 ** 30:.2f} GiB ({'--memory' if cfg.memory else 'free CUDA memory'}); the expected batch, "
+          f"per expected batch of {cfg.batch_size}); simulated peak {format_bytes(option.peak_bytes)} in a budget of "
+          f"{format_bytes(budget)} ({'--memory' if cfg.memory else 'free CUDA memory'}); the expected batch, "
           "the noise and the accounting are unchanged", flush=True)
     return option.physical_batch_size
 

@@ -58,7 +58,7 @@ def run_rounds(grid: Grid, cfg: FederatedConfig) -> None:
     # Central evaluation only on data the server owns (eval-path) or a public test split: never training data.
     eval_task = server_eval_task(cfg, run.tokenizer)
     reference = trainable_numpy_state(run.model)
-    eval_batch = cfg.physical_batch_size or 64
+    eval_batch = cfg.eval_batch_size()
     update_bytes = sum(a.nbytes for a in reference.values())
     log(INFO, "dpmemarc: %s on %s / %s; %d trainable tensors, %.3f MB per update; central evaluation on %s; "
         "output in %s", cfg.method, cfg.model, cfg.task, len(reference), update_bytes / 1e6,
