@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -132,19 +133,8 @@ def task_kind_of(config: PretrainedConfig) -> str:
 
 def step_memory(spec: MemorySpec) -> dict:
     """Peak bytes of a training step of `spec`, with the breakdown by role (bytes live at the peak)."""
-    from dpmemarc_core.methods import apply
-
-    config, kind, device, model = _backbone(spec)
+    config, kind, device, model, trainable, (engine_dirs, step, optimizer) = _prepared(spec)
     zo = spec.method == "zo"
-    with device:
-        model = apply(model, spec.zo_params if zo else spec.method, **spec.method_options)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
-        raise ValueError(f"method {spec.method!r} left no trainable parameter in {spec.model}")
-    batch = _random_batch(config, kind, spec)
-
-    # The trainers set the model up for spec.precision (precision.prepare_model), as in `dpmemarc train`.
-    engine_dirs, step, optimizer = _stepper(model, spec, batch)
     tracker = StorageTracker(device.type, engine_dirs, vocab_size=config.vocab_size if kind == "generation" else None)
     tracker.register([p for p in model.parameters() if not p.requires_grad] + list(model.buffers()), "weights")
     tracker.register(trainable, "trainable_params")
@@ -176,6 +166,38 @@ def step_memory(spec: MemorySpec) -> dict:
         "total_parameters": sum(p.numel() for p in model.parameters()),
         "note": SIMULATION_NOTE if device.type == "meta" else None,
     }
+
+
+def step_seconds(spec: MemorySpec, steps: int = 5, warmup: int = 2) -> float:
+    """Mean wall-clock seconds of the step `step_memory` measures, on a real device, after `warmup` steps."""
+    if spec.resolved_device == "meta":
+        raise ValueError("step_seconds needs a real device (cuda or cpu), not meta")
+    _, _, device, _, _, (_, step, _) = _prepared(spec)
+    with _kernels(device):
+        for _ in range(warmup):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def _prepared(spec: MemorySpec):
+    """(config, task kind, device, model with the method applied, its trainable parameters, `_stepper`'s triple)."""
+    from dpmemarc_core.methods import apply
+
+    config, kind, device, model = _backbone(spec)
+    with device:
+        model = apply(model, spec.zo_params if spec.method == "zo" else spec.method, **spec.method_options)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError(f"method {spec.method!r} left no trainable parameter in {spec.model}")
+    # The trainers set the model up for spec.precision (precision.prepare_model), as in `dpmemarc train`.
+    return config, kind, device, model, trainable, _stepper(model, spec, _random_batch(config, kind, spec))
 
 
 def inference_memory(spec: MemorySpec) -> dict:
