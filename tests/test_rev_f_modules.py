@@ -1,4 +1,4 @@
-"""The reversible network's F variants (`f_module`): trainable parts, start point, replayed backward, BK, memory, errors."""
+"""The reversible network's F variants (`f_module`): trainable parts, start point, replay, BK, memory, errors."""
 
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ def step_peak(layers: int, segment_size: int | None) -> int:
 
 
 def test_peak_grows_like_the_square_root_of_the_depth():
-    # Default segments of ⌈√L⌉ blocks: about 4·√L streams, so 4 → 16 → 64 blocks adds 8 then 16 streams (×2);
+    # Default segments of about √L blocks: ~4·√L streams, so 4 → 16 → 64 blocks adds 8 then 16 streams (×2);
     # storing every block (segment_size=1) adds 24 then 96 (×4). The depth-independent part cancels.
     stream = BATCH * SEQ * WIDTH * 4
     for segment_size, low, high in ((None, 1.6, 2.5), (1, 3.5, 4.5)):

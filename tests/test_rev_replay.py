@@ -113,7 +113,7 @@ def test_fp32_gradients_on_smollm2_30_llama_blocks():
 @pytest.mark.parametrize("family", ["gpt2", "roberta", "llama"])
 @pytest.mark.parametrize("backward_passes", [1, 2])
 def test_bk_matches_per_example_reference_over_several_segments(family, backward_passes):
-    model = reversible(family, layers=7)  # segments of 3: blocks 0-2, 3-5, 6
+    model = reversible(family, layers=7, segment_size=3)  # blocks 0-2, 3-5, 6
     assert stack_of(model).segment_starts() == [0, 3, 6]
     rtol = 1e-5 if family == "llama" and backward_passes == 2 else 1e-6  # see test_rev_f_modules
     engine = assert_bk_matches_reference(model, batch_for(family), loss_fn, rtol=rtol, max_grad_norm=1e-3,

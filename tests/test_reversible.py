@@ -4,6 +4,8 @@ Tiny float64 models of every family; the real-depth and real-model checks are in
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -12,7 +14,7 @@ from transformers import (BertConfig, BertForSequenceClassification, GPT2Config,
 
 from bk_reference import assert_bk_matches_reference
 from dpmemarc_core.losses import per_example_loss
-from dpmemarc_core.methods.rev_coupling import ReversibleStack
+from dpmemarc_core.methods.rev_coupling import ReversibleStack, default_segment_size
 from dpmemarc_core.methods.reversible import apply_rev
 
 VOCAB = 40
@@ -67,7 +69,9 @@ def stack_of(model: nn.Module) -> ReversibleStack:
 def reversible(family: str, layers: int = 2, dropout: float = 0.0, **options) -> nn.Module:
     """A rev model whose trainable parameters are moved off their zero start, so every gradient is non-trivial.
 
-    Default segments (⌈√L⌉ blocks): with two blocks, one segment whose bottom block is replayed."""
+    Segments of two blocks unless asked otherwise, so every test replays a block (the default for two blocks
+    would store both blocks' inputs and replay nothing)."""
+    options.setdefault("segment_size", 2)
     model = apply_rev(build(family, layers, dropout), r=4, **options)
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():
@@ -270,20 +274,25 @@ def test_forward_keeps_one_stream_pair_per_segment(family):
     # first); everything else the model saves does not depend on the depth.
     counts = {}
     for layers, segments in ((4, 2), (9, 3), (16, 4)):
-        model = reversible(family, layers=layers)
+        model = reversible(family, layers=layers, segment_size=None)
         assert len(stack_of(model).segment_starts()) == segments
         counts[layers] = saved_by_forward(model, family)
     stream = 3 * 6 * 16 * 8  # one [batch, seq, hidden] float64 stream
     assert counts[9][0] - counts[4][0] == counts[16][0] - counts[9][0] == 2
     assert counts[16][1] - counts[4][1] == 4 * stream
-    model = reversible(family, layers=16)
+    model = reversible(family, layers=16, segment_size=None)
     stack_of(model).reversible = False
     assert saved_by_forward(model, family)[0] > 10 * counts[16][0]  # plain autograd keeps every block's
 
 
-def test_default_segment_size_is_the_ceiling_of_the_square_root_of_the_depth():
-    assert stack_of(apply_rev(build("gpt2", 4), r=4)).segment_starts() == [0, 2]
-    assert stack_of(apply_rev(build("gpt2", 10), r=4)).segment_starts() == [0, 4, 8]
+def test_default_segment_size_keeps_the_fewest_streams_and_replays_the_fewest_blocks():
+    # Live streams ~ 2·⌈L/k⌉ stored + 2·(k − 1) replayed; of the k that minimise it, the smallest.
+    for layers in range(1, 101):
+        k = default_segment_size(layers)
+        best = min(math.ceil(layers / j) + j for j in range(1, layers + 1))
+        assert math.ceil(layers / k) + k == best and all(math.ceil(layers / j) + j > best for j in range(1, k))
+    assert [default_segment_size(n) for n in (2, 6, 12, 24, 30, 36, 96)] == [1, 2, 3, 4, 5, 6, 8]
+    assert stack_of(apply_rev(build("gpt2", 12), r=4)).segment_starts() == [0, 3, 6, 9]
     assert stack_of(apply_rev(build("gpt2", 3), r=4, segment_size=5)).segment_starts() == [0]
 
 

@@ -18,7 +18,7 @@ Backward by replay, never by inversion. Inverting a block from its output, x² =
 x¹ = (y¹ − F(x²))/λ, multiplies round-off by about 1/(λβ) per block near the start point, in any
 precision, so nothing here divides by λ or β. Instead:
 - The forward runs without a graph and keeps the stream pair (x¹, x²) at the input of the first
-  block of every segment of `segment_size` blocks (default ⌈√L⌉), the top block's y¹, and, in
+  block of every segment of `segment_size` blocks (default about √L), the top block's y¹, and, in
   training mode, the random state before each sub-layer call.
 - The backward goes down segment by segment. It replays the segment's forward from its stored pair
   without a graph (under the forward's autocast setting and random states: the same dropout masks,
@@ -58,8 +58,8 @@ class ReversibleStack(nn.Module):
     around it — embeddings, masks, rotary tables, final norm, head, loss — stays the library's own.
     `reversible=False` runs the same couplings with ordinary autograd (activations kept per block):
     the reference the replayed backward is tested against, and the faster choice when memory allows.
-    `segment_size` k: blocks per replayed segment (None: ⌈√L⌉, which minimises the stored plus the
-    replayed streams); k=1 stores every block's input pair and replays nothing.
+    `segment_size` k: blocks per replayed segment (None: `default_segment_size`, about √L, which minimises
+    the stored plus the replayed streams); k=1 stores every block's input pair and replays nothing.
     """
 
     def __init__(self, blocks: nn.ModuleList, attention: Sublayer, mlp: Sublayer,
@@ -88,8 +88,7 @@ class ReversibleStack(nn.Module):
 
     def segment_starts(self) -> list[int]:
         """First block of each replayed segment: the blocks whose input stream pairs the forward stores."""
-        size = self.segment_size or math.ceil(math.sqrt(len(self.blocks)))
-        return list(range(0, len(self.blocks), size))
+        return list(range(0, len(self.blocks), self.segment_size or default_segment_size(len(self.blocks))))
 
     def _bind(self, hidden_states: torch.Tensor, args: tuple, kwargs: dict) -> dict:
         bound = self._signature.bind(None, hidden_states, *args, **kwargs)
@@ -157,6 +156,12 @@ class ReversibleStack(nn.Module):
         dx2 = dx2_from_f.add_(dy2, alpha=self.x2_factor)
         param_grads = [_add(a, b) for a, b in zip(grads_g[:len(params)], grads_f[:len(params)])]
         return (dx1, dx2, *param_grads)
+
+
+def default_segment_size(layers: int) -> int:
+    """The k with the fewest live streams, 2·⌈L/k⌉ stored plus 2·(k − 1) replayed (about √L); of equal ones
+    the smallest, which replays the fewest blocks (L − ⌈L/k⌉ per backward pass)."""
+    return min(range(1, layers + 1), key=lambda k: (math.ceil(layers / k) + k, k))
 
 
 class _ReplayedStackFunction(torch.autograd.Function):

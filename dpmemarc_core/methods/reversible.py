@@ -4,7 +4,7 @@ Each block is one coupling of two streams (see `rev_coupling`): F is the block's
 with LoRA on its query/value projections (or another trainable part: `f_module`, see `rev_f_modules`),
 G its MLP sub-layer with a Houlsby adapter after the output projection, the arrangement of MEFT's
 third variant (F = attention, G = MLP, λ = β = 0.1, streams not swapped). The forward keeps no
-graph; the backward replays the stack segment by segment from stream pairs stored every ⌈√L⌉
+graph; the backward replays the stack segment by segment from stream pairs stored every ~√L
 blocks and recomputes one sub-layer at a time (no block is inverted: see `rev_coupling`).
 
 Memory and time, under BK clipping (`BKEngine`):
@@ -98,14 +98,15 @@ def apply_rev(model: nn.Module, r: int = 64, *, lora_alpha: float | None = None,
     LlamaForCausalLM (any model of those four model types with their block layout). Options: LoRA rank
     `r` and `lora_alpha` (default r, scale 1); `adapter_size`, the adapter bottleneck (default r);
     `x1_factor` λ and `x2_factor` β in [0, 1], MEFT's 0.1 each; `segment_size` k, blocks per replayed
-    segment (default None: ⌈√L⌉); `f_module`, F's trainable part: "lora" (default), "parallel_adapter",
-    "prefix" or "dylora", each sized by `r` (designs and departures from the original methods in
-    `rev_f_modules`); `lora_alpha` only with "lora" and "dylora".
+    segment (default None: about √L, `rev_coupling.default_segment_size`); `f_module`, F's trainable
+    part: "lora" (default), "parallel_adapter", "prefix" or "dylora", each sized by `r` (designs and
+    departures from the original methods in `rev_f_modules`); `lora_alpha` only with "lora" and "dylora".
 
     `segment_size`: the forward stores both streams at the first block of every segment of k blocks,
     the backward replays one segment at a time. Live hidden-state tensors: about 2·⌈L/k⌉ + 2·k, least
-    at k ≈ √L (the default); k=1 stores every block's input pair and replays nothing (fastest, linear
-    in depth). Gradients equal plain autograd's on the same forward at every k, in any precision.
+    at k ≈ √L (the default); a backward pass re-runs L − ⌈L/k⌉ blocks, so k=1 (every block's input
+    pair stored, nothing replayed) is the fastest and linear in depth. Gradients equal plain
+    autograd's on the same forward at every k, in any precision.
 
     Choosing λ and β. They no longer affect exactness (nothing is inverted), only where training
     starts and how the streams mix. With LoRA B (or the zero-initialised half of F's other modules)
