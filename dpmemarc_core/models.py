@@ -22,6 +22,7 @@ from transformers import (
 )
 
 from dpmemarc_core import offline
+from dpmemarc_core.pooling import POOLING_KEY, declares_mean_pooling, use_mean_pooling
 
 TASK_KINDS = ("classification", "generation")
 OFFLINE_ALIASES: dict[str, Callable[[], Path]] = {
@@ -62,7 +63,9 @@ def load_backbone(
 
     ``name_or_path``: an offline alias (``minilm``, ``smollm2-135m``), a local directory, or a hub name.
     ``task_kind``: ``classification`` (a new sequence-classification head with ``num_labels`` outputs) or
-    ``generation`` (causal LM). ``dtype`` defaults to float32, the precision DP training on CPU needs; pass
+    ``generation`` (causal LM); a BERT-style classifier of a mean-pooling sentence encoder (its folder says so,
+    as all-MiniLM-L6-v2's does, or its config has ``classifier_pooling = "mean"``) classifies from the mean of
+    its token states (`dpmemarc_core.pooling`). ``dtype`` defaults to float32, the precision DP training on CPU needs; pass
     ``torch.bfloat16`` to keep large frozen backbones small on a GPU. GPT-2's ``gelu_new`` runs as its fused
     kernel (``with_fused_activation``).
     """
@@ -82,7 +85,11 @@ def load_model(name_or_path: str, task_kind: str, num_labels: int = 2,
     config = with_fused_activation(_from_pretrained(AutoConfig, source))
     if task_kind == "classification":
         config.num_labels = num_labels
-    return _from_pretrained(model_class, source, config=config, dtype=dtype or torch.float32)
+    model = _from_pretrained(model_class, source, config=config, dtype=dtype or torch.float32)
+    if task_kind == "classification" and getattr(model.base_model, "pooler", None) is not None and (
+            getattr(config, POOLING_KEY, None) == "mean" or declares_mean_pooling(Path(source).expanduser())):
+        use_mean_pooling(model)  # the pooling the encoder was trained with (see dpmemarc_core.pooling)
+    return model
 
 
 def resolve(name_or_path: str) -> str:

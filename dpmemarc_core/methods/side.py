@@ -3,9 +3,10 @@
 The backbone runs under torch.no_grad(): nothing of it is kept for backward except the layer outputs the
 side network's down-projections read (their weight gradients need them). A ladder side network of width
 d/r (side_network.py), initialised by structural pruning of the backbone (side_init.py), is the only
-trainable part. Classification reads the side state at [CLS] (encoders) or the last real token
-(decoders) through a LayerNorm/RMSNorm and a linear classifier; generation up-projects the side state
-to d, adds it to the backbone's final hidden state and applies the frozen LM head.
+trainable part. Classification reads the side state at [CLS] (encoders), the last real token (decoders) or,
+when the backbone classifies from the mean of its token states (`dpmemarc_core.pooling`), their mean,
+through a LayerNorm/RMSNorm and a linear classifier; generation up-projects the side state to d, adds it to
+the backbone's final hidden state and applies the frozen LM head.
 """
 
 from __future__ import annotations
@@ -19,14 +20,22 @@ from dpmemarc_core.methods.side_families import Family, read_family
 from dpmemarc_core.methods.side_generate import greedy_generate
 from dpmemarc_core.methods.side_init import init_from_backbone, plan_pruning
 from dpmemarc_core.methods.side_network import LadderSideNetwork, allowed_keys, matmul_dtype
+from dpmemarc_core.pooling import is_mean_pooled
 
 
 def _hidden_of(output: torch.Tensor | tuple) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
-def pool(states: torch.Tensor, attention_mask: torch.Tensor | None, first_token: bool) -> torch.Tensor:
-    """[B, T, w] → [B, w]: position 0, or each example's last real token (right or left padding)."""
+def pool(states: torch.Tensor, attention_mask: torch.Tensor | None, first_token: bool,
+         mean: bool = False) -> torch.Tensor:
+    """[B, T, w] → [B, w]: the mean over real tokens (`mean`), position 0, or each example's last real token
+    (right or left padding)."""
+    if mean:
+        if attention_mask is None:
+            return states.mean(1)
+        weights = attention_mask.to(device=states.device, dtype=states.dtype).unsqueeze(-1)
+        return (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
     if first_token:
         return states[:, 0]
     batch, length, width = states.shape
@@ -116,7 +125,8 @@ class SideTunedModel(nn.Module):
         over the whole sequence costs more than the side network)."""
         side = self._side_states(states, attention_mask)
         if self.family.task == "classification":
-            return self.side.classifier(pool(side, attention_mask, self.family.pools_first_token))
+            return self.side.classifier(pool(side, attention_mask, self.family.pools_first_token,
+                                             mean=is_mean_pooled(self.backbone)))
         if last_only:
             side, last_hidden = side[:, -1:], last_hidden[:, -1:]
         return self.backbone.get_output_embeddings()(self._lm_hidden(side, last_hidden))
