@@ -60,6 +60,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                         "on a CUDA GPU that supports it, else fp32)")
     p.add_argument("--lr", type=float, default=None,
                    help="default: the preset's for the method, else 5e-4 (DP-Adam), 1e-5 for --method zo (DPZero)")
+    p.add_argument("--head-lr", type=float, default=None,
+                   help="learning rate of a classifier head (BK methods); default: the preset's, else --lr")
     p.add_argument("--zo-params", default=d.zo_params, choices=["full", "lora", "bitfit"],
                    help="with --method zo: which parameters DPZero perturbs")
     p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
@@ -69,6 +71,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-length", type=int, default=None, help="tokens; default: the preset's")
     p.add_argument("--max-train", type=int, default=None, help="cap on training examples (0 = all); default: the preset's")
     p.add_argument("--max-eval", type=int, default=None, help="cap on evaluation examples (0 = all); default: the preset's")
+    p.add_argument("--validation", action="store_true",
+                   help="evaluate on a held-out tenth of the training split instead of the test split (for "
+                        "hyper-parameter sweeps)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
@@ -82,7 +87,8 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The run's TrainConfig: the preset's settings, overridden by every flag given."""
     # Flags left unset (None) take the preset's value; 0 for the caps means "all examples".
     unset_by_default = {"epochs": args.epochs, "max_steps": args.max_steps, "batch_size": args.batch_size,
-                        "lr": args.lr, "max_length": args.max_length, "max_train": args.max_train,
+                        "lr": args.lr, "head_lr": args.head_lr, "max_length": args.max_length,
+                        "max_train": args.max_train,
                         "max_eval": args.max_eval, "delta": args.delta}
     given = {k: v for k, v in unset_by_default.items() if v is not None}
     for cap in ("max_train", "max_eval"):
@@ -96,6 +102,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         physical_batch_size=args.physical_batch_size, memory=args.memory, precision=args.precision,
         max_grad_norm=args.max_grad_norm,
         clipping_mode=args.clipping_mode, clip_fn=args.clip_fn, accountant=args.accountant, seed=args.seed,
+        validation=args.validation,
         device=args.device, output=args.output, method_options=_method_options(args.method_option),
         zo_params=args.zo_params, progress=not args.no_progress, **given)
 

@@ -80,10 +80,13 @@ def load_task(
     max_eval: int | None = None,
     seed: int = 0,
     eval_only: bool = False,
+    validation: bool = False,
 ) -> Task:
     """Load and tokenize a task from ``TASKS``. ``max_train``/``max_eval`` keep a seeded random subset;
     ``seed`` also fixes the train/eval split of data sets without an official one. ``eval_only``: the
-    evaluation split alone (``train`` empty), for a process that must hold no training data."""
+    evaluation split alone (``train`` empty), for a process that must hold no training data. ``validation``:
+    the evaluation split is a seeded tenth of the training split, held out of training, and the test split
+    is not read: for choosing hyper-parameters without looking at the test set."""
     _check_task_name(name)
     if max_length < 8:
         raise ValueError(f"max_length must be >= 8 tokens, got {max_length}")
@@ -92,6 +95,8 @@ def load_task(
             raise ValueError(f"{field} must be >= 1 or None, got {value}")
     kind, num_labels, loader = _LOADERS[name]
     train_rows, eval_rows = loader(seed, max_train, max_eval)
+    if validation:
+        train_rows, eval_rows = _split(train_rows, seed + 1)
     train_rows = [] if eval_only else _subset(train_rows, max_train, seed)
     eval_rows = _subset(eval_rows, max_eval, seed + 1)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -60,6 +60,8 @@ class PrivateTrainer:
     Batches and noise come from OS entropy (`privacy.secure_mode`: from a CSPRNG). `sampling_seed` and
     `noise_seed` fix them and so BREAK PRIVACY: tests and debugging only.
 
+    `head_lr`: the learning rate of a classifier head (`parameter_groups`); None: `lr`.
+
     `precision` (see `dpmemarc_core.precision`): the model is set up for it here (fp32 master copies of the
     trainable weights, autocast around each forward); fp16 adds a `LossScaler`, whose docstring says what
     happens on a step with inf/NaN.
@@ -69,7 +71,7 @@ class PrivateTrainer:
                  privacy: PrivacySettings, sample_rate: float, noise_multiplier: float, lr: float = 5e-4,
                  accountant: PrivacyAccountant | None = None, physical_batch_size: int | None = None,
                  device: torch.device | str | None = None, *, sampling_seed: int | None = None,
-                 noise_seed: int | None = None, precision: str = "fp32") -> None:
+                 noise_seed: int | None = None, precision: str = "fp32", head_lr: float | None = None) -> None:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         prepare_model(model, precision, self.device)
         self.scaler = LossScaler() if precision == "fp16" else None
@@ -82,7 +84,7 @@ class PrivateTrainer:
         self.accountant = accountant if accountant is not None else PrivacyAccountant(privacy.accountant)
         self.physical_batch_size = physical_batch_size
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(self.params, lr=lr)
+        self.optimizer = torch.optim.Adam(parameter_groups(model, lr, head_lr), lr=lr)
         self.sampling, self.noise = private_randomness(privacy, self.device, sampling_seed, noise_seed)
         self.engine = None
         if privacy.is_private:
@@ -136,6 +138,21 @@ class PrivateTrainer:
         return run_steps(self, steps, progress, on_step, description)
 
 
+def parameter_groups(model: torch.nn.Module, lr: float, head_lr: float | None = None) -> list[dict]:
+    """Adam's parameter groups: the trainable parameters of a classifier head (a module named as in
+    `methods.placement.CLASSIFIER_HEADS` anywhere in the model: HF's, peft's copy, the side network's) at
+    `head_lr`, the rest at `lr`. A head that starts from scratch on features that already solve much of the
+    task learns best at a larger rate than the backbone's small trainable part can take under DP noise
+    (BENCHMARKS.md, "Private recipe"); choosing rates per group is post-processing and costs no privacy."""
+    from dpmemarc_core.methods.placement import CLASSIFIER_HEADS
+
+    head, rest = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (head if head_lr is not None and set(name.split(".")) & set(CLASSIFIER_HEADS) else rest).append(param)
+    return [group for group in ({"params": rest, "lr": lr}, {"params": head, "lr": head_lr}) if group["params"]]
+
+
 def private_randomness(privacy: PrivacySettings, device: torch.device, sampling_seed: int | None = None,
                        noise_seed: int | None = None) -> tuple[PrivateRandomness, PrivateRandomness]:
     """A trainer's two secret streams: Poisson sampling (CPU) and noise (on the training device). Kept for
@@ -178,6 +195,7 @@ class TrainConfig:
     memory: str | None = None  # budget of physical_batch_size "auto", e.g. "8GiB"
     precision: str | None = None  # bf16 | fp16 | amp-bf16 | fp32; None: bf16 on a CUDA GPU that has it, else fp32
     lr: float | None = None  # None: 5e-4 (the paper's DP-Adam) for BK methods, DPZero's 1e-5 for zo
+    head_lr: float | None = None  # a classifier head's learning rate (BK methods); None: lr
     max_grad_norm: float = 1.0
     clipping_mode: str = "mixed"
     clip_fn: str = "abadi"
@@ -185,6 +203,7 @@ class TrainConfig:
     max_length: int = 128
     max_train: int | None = None
     max_eval: int | None = None
+    validation: bool = False  # evaluate on a tenth of the training split, not on the test split (data.load_task)
     seed: int = 0  # public: fixes initialisation, data splits and DPZero's directions, never batches or noise
     secure_mode: bool = False
     # Fix the Poisson batches / the noise: BREAKS PRIVACY (anyone who knows them can undo the DP); tests only.
@@ -292,7 +311,7 @@ def train(cfg: TrainConfig) -> dict:
     backbone, tokenizer = load_backbone(cfg.model, kind, num_labels=max(num_labels_of(cfg.task), 2),
                                         dtype=frozen_dtype(cfg.precision))
     task = load_task(cfg.task, tokenizer, max_length=cfg.max_length, max_train=cfg.max_train,
-                     max_eval=cfg.max_eval, seed=cfg.seed)
+                     max_eval=cfg.max_eval, seed=cfg.seed, validation=cfg.validation)
     # DPZero (zo) trains, forward-only, another method's trainable part: the export is that method's.
     spec = ModelSpec(base_model=cfg.model, task_kind=kind, method=cfg.zo_params if cfg.method == "zo" else cfg.method,
                      num_labels=num_labels_of(cfg.task), method_options=cfg.method_options,
@@ -314,7 +333,8 @@ def train(cfg: TrainConfig) -> dict:
     with autocast_context(cfg.precision, device.type):
         before = evaluate(model, task, tokenizer, eval_batch)
     print(f"before training: {json.dumps(before)}", flush=True)
-    trainer = make_trainer(cfg.method, model, task.train, task.collate, privacy, q, sigma, lr=cfg.lr,
+    head = {} if cfg.method == "zo" else {"head_lr": cfg.head_lr}  # DPZero steps all coordinates alike
+    trainer = make_trainer(cfg.method, model, task.train, task.collate, privacy, q, sigma, lr=cfg.lr, **head,
                            physical_batch_size=cfg.physical_batch_size, device=device,
                            sampling_seed=cfg.sampling_seed, noise_seed=cfg.noise_seed, precision=cfg.precision)
     start = time.perf_counter()
