@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,9 @@ METHODS = ("full", "lora", "adapter", "bitfit", "side", "rev", "zo")
 PRECISIONS = ("fp32", "bf16")
 GOAL = 0.10
 TAG = "CALIBRATION "
+# `dpmemarc train ARGS` in this interpreter, then its own peak resident set (Linux: KiB).
+RSS_PROBE = ("import resource, sys; from dpmemarc_core.cli import main; code = main(sys.argv[1:]); "
+             "print('MAX_RSS_KIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)")
 
 
 def model_source(model: str) -> str:
@@ -67,19 +69,18 @@ def cells(model: str, precision: str, args: argparse.Namespace) -> None:
 
 
 def train_rss(method: str, precision: str, args: argparse.Namespace) -> dict:
-    """Max RSS of `dpmemarc train` running one step of MiniLM (the process, libraries and data included)."""
+    """Max RSS of `dpmemarc train` running one step of MiniLM (the process, libraries and data included),
+    read by the training process itself at its end."""
     with tempfile.TemporaryDirectory() as out:
-        command = [sys.executable, "-m", "dpmemarc_core.cli", "train", "--model", "minilm", "--task", "synthetic",
+        command = [sys.executable, "-c", RSS_PROBE, "train", "--model", "minilm", "--task", "synthetic",
                    "--method", method, "--precision", precision, "--batch-size", str(args.batch_size),
                    "--max-length", str(args.seq_len), "--max-steps", "1", "--max-train", "64", "--max-eval", "8",
                    "--epsilon", "8", "--no-progress", "--output", out]
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-        after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if done.returncode:
+    rss = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("MAX_RSS_KIB ")]
+    if done.returncode or not rss:
         return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1][:300]}
-    # ru_maxrss of the children is the largest child so far: meaningful only when it grew.
-    return {"max_rss_bytes": after * 1024 if after > before else None}
+    return {"max_rss_bytes": int(rss[0]) * 1024}
 
 
 def main() -> int:
