@@ -45,7 +45,7 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="a shipped published config (dpmemarc_core.models.PUBLISHED_CONFIGS) or a path to config.json")
     p.add_argument("--memory", required=True, type=_memory_arg, help="the GPU's memory, e.g. 8GiB, 24GB, 16000MiB")
     p.add_argument("--method", type=_methods_arg, default=list(PLAN_METHODS),
-                   help="one method or a comma-separated list (default: all)")
+                   help="one method or a comma-separated list")
     p.add_argument("--batch-size", type=positive_int("--batch-size"), default=d.batch_size,
                    help="the logical (expected Poisson) batch size")
     p.add_argument("--seq-len", type=positive_int("--seq-len"), default=d.seq_len)
