@@ -50,7 +50,7 @@ class FederatedConfig:
     batch at once (``"auto"``: the largest micro-batch the memory simulator fits in ``memory``, or on CUDA in the
     GPU's free memory; each site fits its own GPU with the same privacy), ``memory = ""`` gives no budget,
     ``precision = "auto"`` is bf16 on a CUDA GPU that supports it and fp32 elsewhere,
-    ``max-train = 0`` / ``max-eval = 0`` keep every example, ``client-dp-target-epsilon = 0`` sets no
+    ``max-train = 0`` / ``max-eval = 0`` keep every example, ``head-lr = 0`` trains a classifier head at ``lr``, ``client-dp-target-epsilon = 0`` sets no
     client-level budget, ``labels = ""`` takes the task's label indices, ``eval-path = ""`` names no
     evaluation file.
     """
@@ -75,6 +75,7 @@ class FederatedConfig:
     memory: str = ""
     precision: str = "auto"
     lr: float = 0.005
+    head_lr: float = 0.02
     max_grad_norm: float = 1.0
     clipping_mode: str = "mixed"
     clip_fn: str = "abadi"
@@ -83,8 +84,8 @@ class FederatedConfig:
     partitioning: str = "iid"
     dirichlet_alpha: float = 0.3
     max_length: int = 48
-    max_train: int = 3000
-    max_eval: int = 500
+    max_train: int = 0
+    max_eval: int = 0
     seed: int = 0
     device: str = "auto"
     output_dir: str = "runs/federated"
@@ -124,6 +125,8 @@ class FederatedConfig:
                      "server_lr", "site_eval_noise_multiplier"):
             if not 0 < getattr(self, name) < math.inf:
                 raise ValueError(f"{_key(name)} must satisfy 0 < value < inf, got {getattr(self, name)!r}")
+        if not 0 <= self.head_lr < math.inf:
+            raise ValueError(f"head-lr must be 0 (= lr) or satisfy 0 < value < inf, got {self.head_lr!r}")
         if not 0 <= self.client_dp_noise_multiplier < math.inf:
             raise ValueError(f"client-dp-noise-multiplier must satisfy 0 <= value < inf, "
                              f"got {self.client_dp_noise_multiplier!r}")
@@ -378,8 +381,9 @@ def run_site_round(model: nn.Module, task: Task, cfg: FederatedConfig, plan: Sit
     # known to every party, so nothing derived from it may choose them.
     precision = getattr(model, "_dpmemarc_precision", None) or resolve_precision(cfg.precision, device)
     physical = site_physical_batch_size(cfg, model, precision, device)
+    head = {} if cfg.method == "zo" or not cfg.head_lr else {"head_lr": cfg.head_lr}
     trainer = make_trainer(cfg.method, model, task.train, task.collate, privacy, plan.sample_rate,
-                           plan.noise_multiplier, lr=cfg.lr, accountant=accountant,
+                           plan.noise_multiplier, lr=cfg.lr, **head, accountant=accountant,
                            physical_batch_size=physical, device=device, precision=precision)
     if proximal_mu > 0:
         add_proximal_term(trainer, proximal_mu)

@@ -14,8 +14,9 @@ def _config(*flags: str) -> TrainConfig:
 def test_no_flags_is_the_quick_preset_for_lora():
     cfg = _config()
     assert cfg == preset_config("quick", "lora", output="runs/quickstart")
-    assert (cfg.method, cfg.batch_size, cfg.epochs, cfg.max_length, cfg.lr) == ("lora", 128, 3.0, 48, 5e-3)
-    assert cfg.method_options == {"r": 1} and cfg.max_train == 2000
+    assert (cfg.method, cfg.batch_size, cfg.epochs, cfg.max_length, cfg.lr, cfg.head_lr) == ("lora", 128, 1.0, 48,
+                                                                                            5e-3, 2e-2)
+    assert cfg.method_options == {"r": 1} and cfg.max_train is None and cfg.max_eval is None
 
 
 def test_paper_preset_is_the_library_default_with_the_papers_delta():
@@ -35,7 +36,7 @@ def test_flags_override_the_preset_and_options_merge():
 
 def test_methods_without_a_tuned_entry_keep_the_paper_lr_and_options():
     cfg = preset_config("quick", "zo")
-    assert cfg.lr is None and cfg.method_options == {} and cfg.batch_size == 128
+    assert cfg.lr is None and cfg.head_lr is None and cfg.method_options == {} and cfg.batch_size == 128
 
 
 def test_unknown_preset_is_a_clear_error():
