@@ -73,29 +73,24 @@ FINDINGS = (
     "optimizer state, the bf16 weights perturbed in place (no fp32 master copy: there is no optimizer), one "
     "parameter-sized z at a time, and the chunked loss's fp32 temporaries stay under the forward's peak. "
     "`--zo-params lora`: 0.82 / 2.62 GiB (LoRA's factors and their activations).",
-    "**Side network** (GPT-2-large 6.37 → 3.86 GiB, RoBERTa-large 2.02 → 1.51 GiB, the first figures re-simulated on the current loss before the change): the states feeding the "
-    "down-projections were cast to fp32 before the projection (an fp32 copy kept by BK, and autocast's bf16 "
-    "copy kept by autograd); they are now kept in the dtype the projection computes in (RoBERTa's post-norm "
-    "layers hand on fp32 states: their bf16 casts are kept instead); the side blocks use the fused GELU; a "
-    "block's normed input is cast once for q/k/v and once for the MLP instead of once per projection. "
-    "What remains on GPT-2: frozen weights 1.44, the 37 bf16 backbone states the down-projections need "
-    "(0.36), the bf16 logits and their gradient (0.77 of the 0.80 GiB of logits), the side network's own "
-    "activations. Running the LM head inside the loss chunks would remove the last 0.77 GiB but needs the "
-    "trainer to hand the loss the final hidden state and the head instead of logits (`train.py`); it is "
-    "what would make the goal safe on a GPU, since 3.86 simulated reads as about 4.1-4.5 GiB measured.",
+    "**Side network** (GPT-2-large 6.37 → 3.86 → 3.15 GiB, RoBERTa-large 2.02 → 1.51 → 1.49 GiB): the states feeding "
+    "the down-projections are kept in the dtype the projection computes in (they were cast to fp32 first: an fp32 "
+    "copy kept by BK and autocast's bf16 copy kept by autograd); the side blocks use the fused GELU; a block's "
+    "normed input is cast once for q/k/v and once for the MLP. Then (issue 16) the LM head runs inside the "
+    "checkpointed loss chunks (`losses.causal_lm_loss_from_hidden`): the B·T·V bf16 logits and their gradient "
+    "(0.77 GiB on GPT-2-large) are never built. What remains on GPT-2: frozen weights 1.44, the bf16 backbone "
+    "states the down-projections need, the side network's own activations.",
     "**Causal-LM loss**: the chunked cross-entropy is one autograd function that writes each chunk's gradient "
     "into one logits-sized tensor (a split into checkpointed chunks held every chunk's gradient and their "
     "concatenation at once, and with two-pass BK's retained graph the logits besides): GPT-2-large rev "
     "3.51 → 3.39 GiB. Chunks are 2²² logits (2 positions of GPT-2 at B=32).",
-    "**Reversible RoBERTa-large (2.68 → 1.94 GiB, goal 1.5)**: the stored streams are fp32 (post-norm blocks end in "
-    "a LayerNorm, which autocast runs in fp32): 24 blocks × 2 × B·T·1024 × 4 B = 0.75 GiB, not 0.38. And "
-    "the inversion backward runs all blocks inside one autocast region: autocast caches its bf16 cast of "
-    "every fp32 leaf that requires grad, which the recovered streams are, so one bf16 copy per stream and "
-    "block (0.39 GiB), and through those copies' graphs the recovered fp32 streams (0.38 GiB), live until "
-    "the backward ends. `rev_coupling.py` now enters one autocast region per block in the backward: 1.94 GiB. "
-    "Keeping the streams in the autocast dtype too (each coupling's outputs cast as a bf16 backbone would hold "
-    "them) simulated at 1.53 GiB; not done: it changes the forward's rounding, and the float32 inversion is "
-    "already the fragile part of rev.",
+    "**Reversible network by segment replay** (issue 15; RoBERTa-large 1.94 → 1.27 GiB, GPT-2-large 3.19 → 2.58): "
+    "the backward no longer inverts blocks (each inversion amplified round-off ~100×); the forward stores the "
+    "stream pair at the start of every segment of k ≈ √L blocks and the backward replays each segment from it, "
+    "so the live streams are ~2·⌈L/k⌉ + 2k instead of two per block. The simulator also now applies its fused-"
+    "attention stand-in inside a custom autograd backward (rev's recomputed attention had been charged with "
+    "T×T fp32 scores a GPU never builds). GPT-2-large's peak is now the loss's logits, not the stack. Depth "
+    "series and gradient errors: \"Reversible network\" below.",
 )
 
 
