@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from dpmemarc_core.cli_audit import add_audit_parser, audit_from_args
+from dpmemarc_core.cli.audit import add_audit_parser, audit_from_args
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -41,12 +41,12 @@ ROWS = {
     "dp-zo": ("DPZero, full (ours, forward only)", "zo", "bk"),
 }
 TIMED_ROWS = ("dp-lora", "opacus-lora")
-SIMULATION_LOW_BY = 0.15  # memory_plan's margin: a simulation may read this much low, no more
+SIMULATION_LOW_BY = 0.15  # memory.plan's margin: a simulation may read this much low, no more
 RESULT_TAG = "GPU_CHECK_CELL "
 
 
 def spec_for(model: str, row: str, args: argparse.Namespace, device: str):
-    from dpmemarc_core.memory import MemorySpec
+    from dpmemarc_core.memory.step import MemorySpec
 
     _, method, engine = ROWS[row]
     return MemorySpec(model=model, method=method, engine=engine, batch_size=args.batch_size, seq_len=args.seq_len,
@@ -55,7 +55,7 @@ def spec_for(model: str, row: str, args: argparse.Namespace, device: str):
 
 def cell_result(model: str, row: str, args: argparse.Namespace) -> dict:
     """The measured peak of one cell, and its step time for the timed rows."""
-    from dpmemarc_core.memory import step_memory, step_seconds
+    from dpmemarc_core.memory.step import step_memory, step_seconds
 
     result = step_memory(spec_for(model, row, args, args.device))
     if row in TIMED_ROWS:
@@ -89,7 +89,7 @@ def measure(model: str, row: str, args: argparse.Namespace) -> dict:
 
 
 def simulate(model: str, row: str, args: argparse.Namespace) -> int:
-    from dpmemarc_core.memory_plan import simulated_step
+    from dpmemarc_core.memory.plan import simulated_step
 
     return simulated_step(spec_for(model, row, args, "meta"))["peak_bytes"]
 

@@ -51,7 +51,7 @@ def cells(model: str, precision: str, args: argparse.Namespace) -> None:
     """In a fresh interpreter: every method of `model` at `precision`, on meta and on cpu."""
     import torch
 
-    from dpmemarc_core.memory import MemorySpec, step_memory
+    from dpmemarc_core.memory.step import MemorySpec, step_memory
 
     torch.set_num_threads(2)
     for method in args.methods:

@@ -3,7 +3,7 @@
 Every cell is one full training step (forward, per-example loss, clipped backward, noise, Adam; the
 second of two steps, so Adam's moments are live) of the exact published config with random weights,
 B=32, T=128, bf16 (frozen weights bf16, trainable fp32, autocast forward), simulated on the meta
-device by `dpmemarc_core.memory` unless --device says otherwise. Each cell runs in its own Python
+device by `dpmemarc_core.memory.step` unless --device says otherwise. Each cell runs in its own Python
 process so peaks never mix. Beside each figure: the paper's (fp16, ε=8, their GPU) and, where one
 exists, an H100 measurement of the same configuration.
 
@@ -130,7 +130,7 @@ def run_cell(model: str, row: str, precision: str, args: argparse.Namespace) -> 
 
 
 def one(model: str, method: str, engine: str, args: argparse.Namespace) -> None:
-    from dpmemarc_core.memory import MemorySpec, inference_memory, step_memory
+    from dpmemarc_core.memory.step import MemorySpec, inference_memory, step_memory
 
     if method == "inference":  # the bare forward without autograd; the spec's method is not applied
         result = inference_memory(MemorySpec(model=model, method="full", batch_size=args.batch_size,

@@ -66,8 +66,7 @@ def build_trainer(row: str, model_name: str, batch_size: int, seq_len: int, devi
     from dpmemarc_core.methods import apply
     from dpmemarc_core.models import build_from_config, published_config
     from dpmemarc_core.privacy import PrivacySettings
-    from dpmemarc_core.train import make_trainer
-
+    from dpmemarc_core.training.build import make_trainer
     method, backward_passes, private, _ = ROWS[row]
     config = published_config(model_name)
     torch.manual_seed(0)
@@ -86,8 +85,7 @@ def build_trainer(row: str, model_name: str, batch_size: int, seq_len: int, devi
 
 
 def run_row(args: argparse.Namespace) -> dict:
-    from dpmemarc_core.train import StepStats
-
+    from dpmemarc_core.training.loop import StepStats
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     trainer, indices = build_trainer(args.one, args.model, args.batch_size, args.seq_len, device)

@@ -2,13 +2,13 @@
 
 Per round: read the site's data (its own file, node config ``data-path``; or, simulated, its share of a public
 data set), load the global trainable state into the (process-cached) model, read the site's accountant
-from the site's own disk (`dpmemarc_core.site_budget`; nothing the server sends is taken as a history),
+from the site's own disk (`dpmemarc_core.federated.budget`; nothing the server sends is taken as a history),
 refuse if the round would pass the site's (ε, δ), else run the local DP steps, write the accountant back
 (atomically, before the reply leaves) and reply with only the trainable state, the allow-listed privacy
 facts (`REPLY_METRIC_KEYS`) and a status. Statistics of the private examples stay in the site's log.
 A file with bad rows is reported back (status ``data-error``, with the row and field but no value from the
 file) instead of failing the run. Federated evaluation (`@app.evaluate`) releases only a noised, accounted
-count (`dpmemarc_core.federated_eval`).
+count (`dpmemarc_core.federated.site_evaluation`).
 """
 
 from __future__ import annotations
@@ -21,16 +21,12 @@ from flwr.clientapp import ClientApp
 from flwr.common import log
 
 from client.task import Site, site_for
-from dpmemarc_core.federated import (
-    FederatedConfig,
-    load_numpy_state,
-    reply_metrics,
-    run_site_round,
-    trainable_numpy_state,
-)
-from dpmemarc_core.federated_eval import EVAL_RELEASE, evaluate_site
+from dpmemarc_core.federated.config import FederatedConfig
+from dpmemarc_core.federated.site import reply_metrics, run_site_round
+from dpmemarc_core.federated.wire import load_numpy_state, trainable_numpy_state
+from dpmemarc_core.federated.site_evaluation import EVAL_RELEASE, evaluate_site
 from dpmemarc_core.privacy.settings import check_epsilon
-from dpmemarc_core.site_budget import RUN_LINEAGE_KEY, SiteBudgetRecord, site_identity, state_dir
+from dpmemarc_core.federated.budget import RUN_LINEAGE_KEY, SiteBudgetRecord, site_identity, state_dir
 from dpmemarc_core.site_data import SiteDataError
 
 app = ClientApp()
@@ -73,7 +69,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     site = _site(cfg, context)
     if isinstance(site, RecordDict):
         return Message(site, reply_to=msg)
-    # The held-out rows' own record (parallel to training's: see dpmemarc_core.federated_eval).
+    # The held-out rows' own record (parallel to training's: see dpmemarc_core.federated.site_evaluation).
     record = _budget_record(context, msg.content["config"], release=EVAL_RELEASE)
     accountant = record.load(cfg.accountant)
     load_numpy_state(site.run.model, {name: array.numpy() for name, array in msg.content["arrays"].items()})

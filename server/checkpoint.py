@@ -6,7 +6,7 @@ Layout of ``<output-dir>``:
   round-<k>.safetensors          global trainable state after round k (nothing else of the model)
   metrics.jsonl                  one JSON object per round (round 0: the starting model)
 
-The sites' accountants are not here: each site keeps its own on its own disk (`dpmemarc_core.site_budget`).
+The sites' accountants are not here: each site keeps its own on its own disk (`dpmemarc_core.federated.budget`).
 A round counts as done once its .safetensors file exists: the metrics line is written before it, so a run
 killed at any point resumes from a consistent round, and metrics lines of a round that never finished are
 dropped on resume.

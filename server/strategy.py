@@ -20,7 +20,9 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg, FedProx, Strategy
 
-from dpmemarc_core.federated import REPLY_METRIC_KEYS, FederatedConfig
+from dpmemarc_core.federated.config import FederatedConfig
+
+from dpmemarc_core.federated.site import REPLY_METRIC_KEYS
 from server.validation import update_norm, update_problem
 
 WEIGHT_KEY = "aggregation-weight"  # set by the server on each valid reply, never taken from a site

@@ -228,15 +228,13 @@ def train_settings(config: dict, task: str, method: str, epsilon: float, **overr
 
 def train_config(config: dict, task: str, method: str, epsilon: float, **overrides):
     """The TrainConfig of one cell: the paper's B, T, lr and LoRA/adapter sizes unless the config says otherwise."""
-    from dpmemarc_core.train import TrainConfig
-
+    from dpmemarc_core.training.config import TrainConfig
     return TrainConfig(**train_settings(config, task, method, epsilon, **overrides), progress=False)
 
 
 def train_cell(config: dict, task: str, method: str, epsilon: float, **overrides) -> dict:
     """Train and evaluate one cell; keeps what the tables and a reader need from train()'s summary."""
-    from dpmemarc_core.train import train
-
+    from dpmemarc_core.single_site import train
     summary = train(train_config(config, task, method, epsilon, **overrides))
     keep = ("metrics", "metrics_before", "epsilon", "delta", "noise_multiplier", "sample_rate", "steps",
             "train_examples", "eval_examples", "trainable_parameters", "non_private_diagnostics", "config")
@@ -303,9 +301,9 @@ def memory_cell_id(spec: dict) -> str:
 
 
 def memory_cell(spec: dict) -> dict:
-    """Peak memory of one training step (`dpmemarc_core.memory.step_memory`, what `dpmemarc memory --json`
+    """Peak memory of one training step (`dpmemarc_core.memory.step.step_memory`, what `dpmemarc memory --json`
     prints). Finite ε values share one cell: the noise scale moves no byte."""
-    from dpmemarc_core.memory import MemorySpec, step_memory
+    from dpmemarc_core.memory.step import MemorySpec, step_memory
 
     unknown = sorted(set(spec) - set(MemorySpec.__dataclass_fields__))
     if unknown:

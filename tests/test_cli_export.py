@@ -7,7 +7,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from dpmemarc_core.cli import main
+from dpmemarc_core.cli.main import main
 from dpmemarc_core.methods import load_pretrained
 from dpmemarc_core.models import load_backbone
 

@@ -5,7 +5,7 @@ import math
 import pytest
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-from dpmemarc_core.client_level import ClientLevelBudget
+from dpmemarc_core.federated.client_level import ClientLevelBudget
 
 
 def test_each_round_is_one_gaussian_release_at_sample_rate_one():

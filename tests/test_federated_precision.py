@@ -4,7 +4,9 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from dpmemarc_core.federated import FederatedConfig, site_physical_batch_size
+from dpmemarc_core.federated.config import FederatedConfig
+
+from dpmemarc_core.federated.site import site_physical_batch_size
 from dpmemarc_core.methods import apply
 
 

@@ -21,7 +21,7 @@ from peft import PeftModel
 from safetensors.numpy import load_file
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-from dpmemarc_core.federated import load_numpy_state
+from dpmemarc_core.federated.wire import load_numpy_state
 from dpmemarc_core.methods.pretrained import build_model, read_spec
 from dpmemarc_core.models import load_backbone
 from dpmemarc_core.offline import minilm_path

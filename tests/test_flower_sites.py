@@ -17,13 +17,15 @@ from test_flower_rounds import run_config, server_identity, tiny_model_dir  # no
 from client.client_app import app as client_app
 from client.task import site_for
 from dpmemarc_core import site_data
-from dpmemarc_core.cli import main
-from dpmemarc_core.federated import FederatedConfig, build_run_model, load_numpy_state
-from dpmemarc_core.federated_data import server_eval_task
-from dpmemarc_core.federated_eval import EVAL_RELEASE
+from dpmemarc_core.cli.main import main
+from dpmemarc_core.federated.config import FederatedConfig
+from dpmemarc_core.federated.site import build_run_model
+from dpmemarc_core.federated.wire import load_numpy_state
+from dpmemarc_core.federated.data import server_eval_task
+from dpmemarc_core.federated.site_evaluation import EVAL_RELEASE
 from dpmemarc_core.methods import load_pretrained
 from dpmemarc_core.models import load_backbone
-from dpmemarc_core.site_budget import SiteBudgetRecord, site_identity, state_dir
+from dpmemarc_core.federated.budget import SiteBudgetRecord, site_identity, state_dir
 from server.checkpoint import read_metrics
 from server.local_grid import InProcessGrid
 from server.server_app import run_rounds
@@ -138,7 +140,7 @@ def test_flowers_strategies_run_unchanged(tiny_model_dir, tmp_path, strategy):
 
 
 def test_client_level_epsilon_is_recorded_and_the_run_stops_at_its_budget(tiny_model_dir, tmp_path):
-    from dpmemarc_core.client_level import ClientLevelBudget
+    from dpmemarc_core.federated.client_level import ClientLevelBudget
 
     files = [write_site(tmp_path / f"site-{i}.jsonl", site_rows(i)) for i in range(2)]
     one, two = (ClientLevelBudget(2.0, 1e-5, rounds=k).epsilon for k in (1, 2))

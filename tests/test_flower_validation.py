@@ -16,7 +16,7 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from dpmemarc_core.federated import FederatedConfig
+from dpmemarc_core.federated.config import FederatedConfig
 from server.checkpoint import drop_metrics_after, latest_checkpoint, read_metrics, run_lineage, save_round
 from server.strategy import build_strategy
 from server.validation import update_norm, update_problem

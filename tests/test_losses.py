@@ -40,7 +40,7 @@ def test_chunked_loss_backward_holds_one_logits_gradient(monkeypatch):
     # Under a retained graph (two-pass BK clipping) the logits stay alive during backward; beside them
     # only one logits-sized gradient and one chunk's intermediates may exist, never every chunk's
     # gradient plus their concatenation.
-    from dpmemarc_core.memory_tracker import StorageTracker
+    from dpmemarc_core.memory.tracker import StorageTracker
 
     batch, length, vocab = 4, 16, 1000
     monkeypatch.setattr(losses, "CHUNK_LOGITS", batch * vocab)  # one position per chunk

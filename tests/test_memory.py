@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config
 
-from dpmemarc_core.cli_memory import add_memory_parser
-from dpmemarc_core.memory import MemorySpec, step_memory
-from dpmemarc_core.memory_emulation import FusedAttention, MetaAutocast, meta_autocast_queries
-from dpmemarc_core.memory_tracker import StorageTracker
+from dpmemarc_core.cli.memory import add_memory_parser
+from dpmemarc_core.memory.step import MemorySpec, step_memory
+from dpmemarc_core.memory.emulation import FusedAttention, MetaAutocast, meta_autocast_queries
+from dpmemarc_core.memory.tracker import StorageTracker
 from dpmemarc_core.methods import apply
 from dpmemarc_core.models import build_from_config
 

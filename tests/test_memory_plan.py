@@ -8,10 +8,10 @@ import math
 import pytest
 from transformers import GPT2Config
 
-import dpmemarc_core.memory_plan as memory_plan
-from dpmemarc_core.cli_plan import add_plan_parser
-from dpmemarc_core.memory import MemorySpec
-from dpmemarc_core.memory_plan import (
+import dpmemarc_core.memory.plan as memory_plan
+from dpmemarc_core.cli.plan import add_plan_parser
+from dpmemarc_core.memory.step import MemorySpec
+from dpmemarc_core.memory.plan import (
     SIMULATION_LOW_BY,
     largest_fitting_batch,
     parse_memory_size,

@@ -7,8 +7,8 @@ import argparse
 import pytest
 from transformers import BertConfig, GPT2Config
 
-from dpmemarc_core.cli_memory import add_memory_parser, run_memory
-from dpmemarc_core.memory import MemorySpec, inference_memory, step_memory
+from dpmemarc_core.cli.memory import add_memory_parser, run_memory
+from dpmemarc_core.memory.step import MemorySpec, inference_memory, step_memory
 
 # zo's peak over a bare inference forward's, measured on these tiny configs in bf16 (zo_params full / lora):
 # GPT-2 1.94 / 2.03 (the per-example loss's fp32 temporaries over B·T·V logits, which a forward without a loss

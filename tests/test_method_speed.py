@@ -29,8 +29,8 @@ def tiny_config(tmp_path) -> str:
 
 
 def test_rows_build_the_trainer_users_get(method_speed, tiny_config):
-    from dpmemarc_core.train import PrivateTrainer
-    from dpmemarc_core.zo import ZOTrainer
+    from dpmemarc_core.training.bk import PrivateTrainer
+    from dpmemarc_core.training.zo import ZOTrainer
 
     def trainer_of(row):
         return method_speed.build_trainer(row, tiny_config, batch_size=2, seq_len=8, device=torch.device("cpu"))[0]

@@ -8,7 +8,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from dpmemarc_core import models
 from dpmemarc_core.methods import apply
-from dpmemarc_core.methods.side import pool
+from dpmemarc_core.methods.side.model import pool
 from dpmemarc_core.pooling import declares_mean_pooling, is_mean_pooled, use_mean_pooling
 
 CONFIG = dict(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,

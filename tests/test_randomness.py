@@ -56,8 +56,7 @@ def test_secure_mode_cannot_be_seeded_and_meta_is_shape_only():
 
 def test_secure_mode_runs_through_the_trainer():
     from dpmemarc_core.privacy import PrivacySettings
-    from dpmemarc_core.train import PrivateTrainer
-
+    from dpmemarc_core.training.bk import PrivateTrainer
     model = torch.nn.Linear(3, 2)
     examples = [{"x": torch.randn(3), "labels": torch.tensor(i % 2)} for i in range(16)]
 

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from dpmemarc_core.losses import per_example_loss
-from dpmemarc_core.memory_emulation import FusedAttention
-from dpmemarc_core.memory_tracker import StorageTracker
-from dpmemarc_core.methods.reversible import apply_rev
+from dpmemarc_core.memory.emulation import FusedAttention
+from dpmemarc_core.memory.tracker import StorageTracker
+from dpmemarc_core.methods.rev.stack import apply_rev
 
 BATCH, SEQ, WIDTH = 8, 64, 64
 

@@ -14,8 +14,8 @@ from transformers import (BertConfig, BertForSequenceClassification, GPT2Config,
 
 from bk_reference import assert_bk_matches_reference
 from dpmemarc_core.losses import per_example_loss
-from dpmemarc_core.methods.rev_coupling import ReversibleStack, default_segment_size
-from dpmemarc_core.methods.reversible import apply_rev
+from dpmemarc_core.methods.rev.coupling import ReversibleStack, default_segment_size
+from dpmemarc_core.methods.rev.stack import apply_rev
 
 VOCAB = 40
 FAMILIES = ("gpt2", "bert", "roberta", "llama")

@@ -11,10 +11,10 @@ from transformers import (BertConfig, BertForSequenceClassification, GPT2Config,
 from transformers.activations import ACT2FN
 
 from dpmemarc_core.losses import per_example_loss
-from dpmemarc_core.methods.side import apply_side, pool
-from dpmemarc_core.methods.side_families import read_family
-from dpmemarc_core.methods.side_init import plan_pruning
-from dpmemarc_core.methods.side_network import allowed_keys
+from dpmemarc_core.methods.side.model import apply_side, pool
+from dpmemarc_core.methods.side.families import read_family
+from dpmemarc_core.methods.side.init import plan_pruning
+from dpmemarc_core.methods.side.network import allowed_keys
 from dpmemarc_core.models import FUSED_ACTIVATIONS
 
 VOCAB, HIDDEN, FFN, LABELS, REDUCTION = 61, 32, 96, 3, 4

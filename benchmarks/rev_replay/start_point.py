@@ -6,7 +6,7 @@ last hidden state, ‖h_rev − h‖/‖h‖ over real tokens, real MiniLM and S
 import json, sys, copy
 import torch
 from dpmemarc_core.models import load_backbone
-from dpmemarc_core.methods.reversible import apply_rev
+from dpmemarc_core.methods.rev.stack import apply_rev
 
 out = {}
 for name, kind in (("minilm", "classification"), ("smollm2-135m", "generation")):

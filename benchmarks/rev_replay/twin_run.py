@@ -10,8 +10,8 @@ from dpmemarc_core.methods import apply
 from dpmemarc_core.metrics import evaluate_classification
 from dpmemarc_core.models import load_backbone
 from dpmemarc_core.privacy import PrivacySettings
-from dpmemarc_core.train import StepStats, make_trainer
-
+from dpmemarc_core.training.build import make_trainer
+from dpmemarc_core.training.loop import StepStats
 out, steps = sys.argv[1], int(sys.argv[2])
 torch.set_num_threads(1)
 torch.manual_seed(0)

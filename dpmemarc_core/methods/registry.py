@@ -17,8 +17,8 @@ METHODS: dict[str, str] = {
     "lora": "dpmemarc_core.methods.lora:apply_lora",
     "adapter": "dpmemarc_core.methods.adapter:apply_adapter",
     "bitfit": "dpmemarc_core.methods.bitfit:apply_bitfit",
-    "side": "dpmemarc_core.methods.side:apply_side",
-    "rev": "dpmemarc_core.methods.reversible:apply_rev",
+    "side": "dpmemarc_core.methods.side.model:apply_side",
+    "rev": "dpmemarc_core.methods.rev.stack:apply_rev",
 }
 
 

@@ -16,6 +16,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from dpmemarc_core.privacy.clip import AUTOMATIC_GAMMA, CLIP_FNS, CLIPPING_MODES, clip_factors
 from dpmemarc_core.privacy.layers import SUPPORTED, GhostRule, handler_for
 from dpmemarc_core.privacy.layers.contributions import (
     Factored,
@@ -26,8 +27,6 @@ from dpmemarc_core.privacy.layers.contributions import (
     norm_dtype,
 )
 
-CLIPPING_MODES = ("mixed", "ghost", "instantiate")
-CLIP_FNS = ("abadi", "automatic")
 BATCH_KEYS = ("input_ids", "inputs_embeds", "attention_mask", "labels")
 _TAPPING: dict[int, torch.Tensor] = {}  # by id: anchors of engines whose BK backward pass is running now
 _ATTACHED: "weakref.WeakSet[BKEngine]" = weakref.WeakSet()
@@ -101,7 +100,7 @@ class BKEngine:
     """
 
     def __init__(self, model: nn.Module, max_grad_norm: float = 1.0, clipping_mode: str = "mixed",
-                 clip_fn: str = "abadi", gamma: float = 0.01, backward_passes: int = 1) -> None:
+                 clip_fn: str = "abadi", gamma: float = AUTOMATIC_GAMMA, backward_passes: int = 1) -> None:
         if not (isinstance(max_grad_norm, (int, float)) and 0 < max_grad_norm < float("inf")):
             raise ValueError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm!r}")
         if clipping_mode not in CLIPPING_MODES:
@@ -293,10 +292,7 @@ class BKEngine:
         return squared.clamp(min=0).sqrt()
 
     def _clip_factors(self, norms: torch.Tensor, drop_non_finite: bool = False) -> torch.Tensor:
-        if self.clip_fn == "automatic":
-            factors = self.max_grad_norm / (norms + self.gamma)
-        else:
-            factors = (self.max_grad_norm / norms).clamp(max=1.0)  # norm 0 → inf → 1: no NaN, no branch
+        factors = clip_factors(norms, self.max_grad_norm, self.clip_fn, self.gamma)
         if drop_non_finite:  # an overflowed example contributes 0 (still of norm <= C: sensitivity unchanged)
             factors = torch.where(torch.isfinite(norms), factors, torch.zeros_like(factors))
         return factors

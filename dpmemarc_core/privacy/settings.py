@@ -11,8 +11,8 @@ import math
 import numbers
 from dataclasses import dataclass
 
-CLIPPING_MODES = ("mixed", "ghost", "instantiate")
-CLIP_FNS = ("abadi", "automatic")
+from dpmemarc_core.privacy.clip import CLIP_FNS, CLIPPING_MODES
+
 ACCOUNTANTS = ("rdp", "prv")
 # δ as a rule of the number N of training examples. δ must be well below 1/N (a mechanism that publishes one
 # random example whole is (0, 1/N)-DP), so the default is 1/(10N); "1/N" is the paper's choice.

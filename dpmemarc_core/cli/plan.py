@@ -6,11 +6,10 @@ import argparse
 import json
 import os
 
-from dpmemarc_core.cli_args import epsilon_arg, positive_int
-from dpmemarc_core.memory import PRECISIONS, MemorySpec
-from dpmemarc_core.memory_plan import PLAN_METHODS, SIMULATION_LOW_BY, PlanOption, parse_memory_size, plan
-from dpmemarc_core.train import ZO_PARAM_METHODS
-
+from dpmemarc_core.cli.common import epsilon_arg, positive_int
+from dpmemarc_core.memory.step import PRECISIONS, MemorySpec
+from dpmemarc_core.memory.plan import PLAN_METHODS, SIMULATION_LOW_BY, PlanOption, parse_memory_size, plan
+from dpmemarc_core.training.config import ZO_PARAM_METHODS
 GIB = 1024 ** 3
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from dpmemarc_core.methods.side_families import Family
+from dpmemarc_core.methods.side.families import Family
 from dpmemarc_core.models import FUSED_ACTIVATIONS
 
 GATE_TEMPERATURE = 0.1  # LST's T: with α₀ = 0 the gate starts at 0.5 and moves quickly once trained

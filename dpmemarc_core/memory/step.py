@@ -10,8 +10,8 @@ so the step measured here is `dpmemarc train`'s and the Flower client's, in the 
 frozen weights in that dtype; amp-bf16 every weight fp32, autocast bf16; fp32 no autocast.
 
 - device "meta": nothing is allocated. The model lives on the meta device and `StorageTracker`
-  counts live storage bytes (see memory_tracker.py); CUDA autocast and the fused attention kernel
-  are emulated (memory_emulation.py). Figures read 5–15 % low (`SIMULATION_NOTE`).
+  counts live storage bytes (see tracker.py); CUDA autocast and the fused attention kernel
+  are emulated (emulation.py). Figures read 5–15 % low (`SIMULATION_NOTE`).
 - device "cuda": real tensors under `torch.autocast`; the peak is `torch.cuda.max_memory_allocated`,
   the breakdown comes from the same tracker.
 - device "cpu": real tensors, counted by the tracker; what the tests hold the simulation against.
@@ -45,12 +45,13 @@ import torch
 from transformers import PretrainedConfig
 
 import dpmemarc_core.privacy as privacy_package
-from dpmemarc_core.memory_tracker import ROLES, StorageTracker
+from dpmemarc_core.memory.tracker import ROLES, StorageTracker
 from dpmemarc_core.models import TASK_KINDS, build_from_config, published_config
-from dpmemarc_core.precision import PRECISIONS, autocast_context, frozen_dtype, prepare_model
+from dpmemarc_core.training.precision import PRECISIONS, autocast_context, frozen_dtype, prepare_model
 from dpmemarc_core.privacy import PrivacySettings
-from dpmemarc_core.train import ZO_PARAM_METHODS, PrivateTrainer, StepStats
-
+from dpmemarc_core.training.bk import PrivateTrainer
+from dpmemarc_core.training.config import ZO_PARAM_METHODS
+from dpmemarc_core.training.loop import StepStats
 ENGINES = ("bk", "opacus", "nondp")
 DEVICES = ("meta", "cuda", "cpu")
 # Encoder families are fine-tuned for classification (2 labels); every other family as a causal LM.
@@ -254,7 +255,7 @@ def _stepper(model: torch.nn.Module, spec: MemorySpec, batch: dict[str, torch.Te
     """(engine source dirs or files, a no-argument step, the torch optimizer whose step hooks tell the phase;
     None for zo, which has none)."""
     if spec.engine == "opacus":
-        from dpmemarc_core.memory_opacus import OpacusStep, opacus_dir
+        from dpmemarc_core.memory.opacus_step import OpacusStep, opacus_dir
 
         if "position_ids" not in batch and batch["labels"].dim() == 2:  # a causal LM's batch
             # HF builds position ids with batch size 1; Opacus needs one row per example.
@@ -267,8 +268,8 @@ def _stepper(model: torch.nn.Module, spec: MemorySpec, batch: dict[str, torch.Te
         return [opacus_dir()], lambda: opacus_step(on_device), opacus_step.inner_optimizer
 
     if spec.method == "zo":
-        import dpmemarc_core.zo as zo_module
-        import dpmemarc_core.zo_directions as directions_module
+        import dpmemarc_core.training.zo as zo_module
+        import dpmemarc_core.training.zo_directions as directions_module
 
         sigma = NOISE_MULTIPLIER if spec.engine != "nondp" and math.isfinite(spec.epsilon) else 0.0
         privacy = PrivacySettings(target_epsilon=spec.epsilon if spec.engine != "nondp" else math.inf, delta=1e-5,
@@ -279,7 +280,7 @@ def _stepper(model: torch.nn.Module, spec: MemorySpec, batch: dict[str, torch.Te
                                       precision=spec.precision)
         indices = list(range(spec.batch_size))
         stats = StepStats()
-        # Only z's code is the engine: zo.py releases the logits of each forward, which the tracker's rule
+        # Only z's code is the engine: training/zo.py releases the logits of each forward, which the tracker's rule
         # "released last by the engine" would misname as engine buffers.
         return [directions_module.__file__], lambda: trainer.step(indices, stats), None
 
@@ -333,7 +334,7 @@ def _kernels(device: torch.device) -> Iterator[None]:
     if device.type != "meta":
         yield
         return
-    from dpmemarc_core.memory_emulation import FusedAttention, meta_autocast_queries, meta_values_unknown
+    from dpmemarc_core.memory.emulation import FusedAttention, meta_autocast_queries, meta_values_unknown
 
     with meta_values_unknown(), meta_autocast_queries(), FusedAttention():
         yield

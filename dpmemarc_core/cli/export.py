@@ -51,7 +51,7 @@ def _spec_overrides(args: argparse.Namespace) -> dict:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from dpmemarc_core.export import export_run
+    from dpmemarc_core.training.export import export_run
 
     out = export_run(args.source, args.out, model=args.model, method=args.method,
                      spec_overrides=_spec_overrides(args))

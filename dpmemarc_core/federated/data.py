@@ -16,7 +16,7 @@ from dataclasses import replace
 from transformers import PreTrainedTokenizerBase
 
 from dpmemarc_core.data import Task, load_task, partition
-from dpmemarc_core.federated import SITE_DATA_TASKS, FederatedConfig
+from dpmemarc_core.federated.config import SITE_DATA_TASKS, FederatedConfig
 from dpmemarc_core.site_data import hold_out, load_site_task
 
 

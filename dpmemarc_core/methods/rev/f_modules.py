@@ -25,7 +25,7 @@ is at zero), so every variant starts at the same point as "lora".
   which at b = r is LoRA's); eval mode uses all r at α/r. Every component up to b is updated (not
   the paper's "frozen" variant, which updates only the b-th). The mask is applied to lora_B's input by a
   forward pre-hook, outside the Linear modules, so BK's per-example rule sees the masked input and stays
-  exact. The reversible backward replays the RNG state F's forward saw (`rev_coupling._replayed_rng`),
+  exact. The reversible backward replays the RNG state F's forward saw (`coupling._replayed_rng`),
   so its recomputation samples the same b.
 """
 
@@ -40,7 +40,7 @@ from torch import nn
 
 from dpmemarc_core.methods.adapter import BottleneckAdapter
 from dpmemarc_core.methods.placement import Placement, block_regex
-from dpmemarc_core.methods.rev_coupling import Sublayer
+from dpmemarc_core.methods.rev.coupling import Sublayer
 
 F_MODULES = ("lora", "parallel_adapter", "prefix", "dylora")
 LORA_MODULES = ("lora", "dylora")  # the variants that take lora_alpha

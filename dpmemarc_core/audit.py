@@ -35,8 +35,9 @@ from dpmemarc_core.losses import per_example_loss
 from dpmemarc_core.privacy.accountant import noise_multiplier_for
 from dpmemarc_core.privacy.audit_bound import epsilon_lower_bound
 from dpmemarc_core.privacy.settings import PrivacySettings, check_count, check_delta
-from dpmemarc_core.train import Collate, PrivateTrainer, sample_rate_for
-
+from dpmemarc_core.training.bk import PrivateTrainer
+from dpmemarc_core.training.config import sample_rate_for
+from dpmemarc_core.training.loop import Collate
 SCORE = "loss drop (loss before minus after training), centred per label"
 
 

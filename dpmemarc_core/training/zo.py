@@ -23,11 +23,12 @@ import numpy as np
 import torch
 
 from dpmemarc_core.losses import per_example_loss
-from dpmemarc_core.precision import prepare_model
 from dpmemarc_core.privacy import PrivacyAccountant, PrivacySettings
+from dpmemarc_core.privacy.clip import clip_scalars
 from dpmemarc_core.privacy.settings import check_count, check_sample_rate
-from dpmemarc_core.train import Collate, StepStats, private_randomness, run_steps
-from dpmemarc_core.zo_directions import (
+from dpmemarc_core.training.loop import Collate, StepStats, private_randomness, run_steps
+from dpmemarc_core.training.precision import prepare_model
+from dpmemarc_core.training.zo_directions import (
     SEED_BOUND,
     apply_zo_updates,
     perturb_,
@@ -35,25 +36,14 @@ from dpmemarc_core.zo_directions import (
     trainable_parameters,
 )
 
-__all__ = ["DEFAULT_LR", "DEFAULT_PERTURBATION_SCALE", "ZOTrainer", "apply_zo_updates", "clip_scalars"]
+__all__ = ["DEFAULT_LR", "DEFAULT_PERTURBATION_SCALE", "ZOTrainer", "apply_zo_updates"]
 
 # λ of DPZero's and MeZO's scripts (RoBERTa-large and OPT alike).
 DEFAULT_PERTURBATION_SCALE = 1e-3
 # DPZero's OPT full fine-tuning learning rate (their RoBERTa-large runs use 1e-6).
 DEFAULT_LR = 1e-5
-# Same γ as the BK engine's automatic clipping, so "automatic" means one thing in the project.
-AUTOMATIC_CLIP_GAMMA = 0.01
 # Salt of the stream of published direction seeds (derived from the public seed; batches and noise are not).
 _DIRECTION_STREAM = 0x7A6F
-
-
-def clip_scalars(values: torch.Tensor, max_norm: float, clip_fn: str = "abadi") -> torch.Tensor:
-    """Clip per-example scalars to [−C, C]: "abadi" clamps, "automatic" scales by C/(|v| + γ)."""
-    if clip_fn == "abadi":
-        return values.clamp(-max_norm, max_norm)
-    if clip_fn == "automatic":
-        return values * (max_norm / (values.abs() + AUTOMATIC_CLIP_GAMMA))
-    raise ValueError(f"clip_fn must be 'abadi' or 'automatic', got {clip_fn!r}")
 
 
 def _finite_number(value: object, name: str, allow_zero: bool = False) -> float:

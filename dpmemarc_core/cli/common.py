@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 
 def epsilon_arg(text: str) -> float:
@@ -59,10 +60,24 @@ def physical_batch_size_arg(text: str) -> int | str:
 
 def memory_arg(text: str) -> str:
     """`--memory`: a size such as 8GiB (checked here, kept as written for the run's config)."""
-    from dpmemarc_core.memory_plan import parse_memory_size
+    from dpmemarc_core.memory.plan import parse_memory_size
 
     try:
         parse_memory_size(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
     return text
+
+
+def method_options_arg(pairs: list[str]) -> dict:
+    """`--method-option KEY=VALUE` pairs (repeatable) as keyword arguments; VALUE is JSON where it parses."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"--method-option takes KEY=VALUE, got {pair!r}")
+        try:
+            options[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.replace("-", "_")] = value
+    return options

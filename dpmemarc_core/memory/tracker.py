@@ -181,8 +181,8 @@ class StorageTracker(TorchDispatchMode):
         self._current -= record.nbytes
 
     def _origin(self) -> str:
-        """Whose code runs now (allocating or releasing): the innermost frame outside torch and this package's
-        memory_* files decides."""
+        """Whose code runs now (allocating or releasing): the innermost frame outside torch and the memory
+        package (dpmemarc_core/memory/) decides."""
         frame = sys._getframe(1)
         while frame is not None:
             kind = self._code_kind.get(frame.f_code)
@@ -200,7 +200,7 @@ class StorageTracker(TorchDispatchMode):
         if filename in _AUTOGRAD_ENTRIES:
             return "autograd"  # an op autograd's engine runs for a built-in backward formula
         if (filename.startswith(_TORCH_DIR) or filename == _WEAKREF_FILE
-                or (filename.startswith(_THIS_DIR) and "memory_" in filename)):
+                or filename.startswith(_THIS_DIR)):
             return "skip"
         if any(filename.startswith(d) for d in self.engine_dirs):
             return "engine"

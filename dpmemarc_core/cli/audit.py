@@ -9,8 +9,8 @@ import argparse
 import json
 import math
 
-from dpmemarc_core.cli_args import epsilon_arg
-from dpmemarc_core.privacy.audit import AuditResult, run_audit, tokenizer_canaries
+from dpmemarc_core.cli.common import epsilon_arg
+from dpmemarc_core.audit import AuditResult, run_audit, tokenizer_canaries
 from dpmemarc_core.privacy.settings import PrivacySettings
 
 # The bound pays 2·m·δ: with a δ of order 1/N and m canaries among N examples that term is about 1,
@@ -60,12 +60,12 @@ def audit_from_args(args: argparse.Namespace) -> AuditResult:
     """Load the backbone and the offline task, build canaries from tokens the task never uses, and audit."""
     import torch
 
-    from dpmemarc_core.cli import _method_options
+    from dpmemarc_core.cli.common import method_options_arg
     from dpmemarc_core.data import load_task, num_labels_of, task_kind_of
     from dpmemarc_core.methods import apply
     from dpmemarc_core.models import load_backbone
-    from dpmemarc_core.train import PrivateTrainer, resolve_device
-
+    from dpmemarc_core.training.bk import PrivateTrainer
+    from dpmemarc_core.training.build import resolve_device
     privacy = PrivacySettings(target_epsilon=args.epsilon, delta=args.delta, max_grad_norm=args.max_grad_norm,
                               accountant=args.accountant)
     torch.manual_seed(args.seed)
@@ -76,9 +76,9 @@ def audit_from_args(args: argparse.Namespace) -> AuditResult:
                      max_eval=1, seed=args.seed)
     canaries = tokenizer_canaries(tokenizer, args.canaries, args.canary_length, max(task.num_labels, 2), task.train,
                                   seed=args.seed, generation=kind == "generation")
-    options = _method_options(args.method_option)
+    options = method_options_arg(args.method_option)
     if args.method == "zo":
-        from dpmemarc_core.zo import DEFAULT_LR, ZOTrainer
+        from dpmemarc_core.training.zo import DEFAULT_LR, ZOTrainer
 
         model, trainer_class, lr = apply(backbone, "full", **options), ZOTrainer, args.lr or DEFAULT_LR
     else:

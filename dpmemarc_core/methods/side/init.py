@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dpmemarc_core.methods.side_families import Family, Pair
-from dpmemarc_core.methods.side_network import LadderSideNetwork
+from dpmemarc_core.methods.side.families import Family, Pair
+from dpmemarc_core.methods.side.network import LadderSideNetwork
 
 
 @dataclass(frozen=True)

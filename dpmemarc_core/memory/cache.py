@@ -19,12 +19,13 @@ from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
+_PACKAGE_DIR = Path(__file__).resolve().parent.parent  # dpmemarc_core/
 _VERSIONED = ("torch", "transformers", "peft", "opacus")
 # Sources a simulated step never runs (commands, data, evaluation, federation, the audit, the planner): an
 # edit there keeps the cache. Everything else, new modules included, is part of the key.
-_NOT_IN_THE_STEP = ("cli*.py", "data.py", "metrics.py", "federated.py", "offline.py", "presets.py",
-                    "memory_plan.py", "memory_cache.py", "privacy/audit*.py", "methods/side_generate.py")
+_NOT_IN_THE_STEP = ("cli/*.py", "data.py", "site_data.py", "metrics.py", "federated/*.py", "offline.py",
+                    "training/presets.py", "training/export.py", "memory/plan.py", "memory/cache.py", "audit.py",
+                    "privacy/audit_bound.py", "methods/side/generate.py")
 
 
 def cache_root() -> Path:

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from dpmemarc_core.data import Task
-from dpmemarc_core.federated import BUDGET_SLACK, FederatedConfig, SitePlan
+from dpmemarc_core.federated.config import FederatedConfig
+from dpmemarc_core.federated.site import BUDGET_SLACK, SitePlan
 from dpmemarc_core.privacy import PrivacyAccountant
 from dpmemarc_core.privacy.randomness import PrivateRandomness
 

@@ -2,7 +2,7 @@
 
 The backbone runs under torch.no_grad(): nothing of it is kept for backward except the layer outputs the
 side network's down-projections read (their weight gradients need them). A ladder side network of width
-d/r (side_network.py), initialised by structural pruning of the backbone (side_init.py), is the only
+d/r (network.py), initialised by structural pruning of the backbone (init.py), is the only
 trainable part. Classification reads the side state at [CLS] (encoders), the last real token (decoders) or,
 when the backbone classifies from the mean of its token states (`dpmemarc_core.pooling`), their mean,
 through a LayerNorm/RMSNorm and a linear classifier; generation up-projects the side state to d, adds it to
@@ -16,10 +16,10 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutput, SequenceClassifierOutput
 
 from dpmemarc_core.losses import causal_lm_loss_from_hidden, per_example_loss
-from dpmemarc_core.methods.side_families import Family, read_family
-from dpmemarc_core.methods.side_generate import greedy_generate
-from dpmemarc_core.methods.side_init import init_from_backbone, plan_pruning
-from dpmemarc_core.methods.side_network import LadderSideNetwork, allowed_keys, matmul_dtype
+from dpmemarc_core.methods.side.families import Family, read_family
+from dpmemarc_core.methods.side.generate import greedy_generate
+from dpmemarc_core.methods.side.init import init_from_backbone, plan_pruning
+from dpmemarc_core.methods.side.network import LadderSideNetwork, allowed_keys, matmul_dtype
 from dpmemarc_core.pooling import is_mean_pooled
 
 

@@ -1,11 +1,11 @@
 """DP-MemArc's reversible network (`rev`, MemDPT_rev): pretrained blocks made reversible after MEFT.
 
-Each block is one coupling of two streams (see `rev_coupling`): F is the block's attention sub-layer
+Each block is one coupling of two streams (see `coupling`): F is the block's attention sub-layer
 with LoRA on its query/value projections (or another trainable part: `f_module`, see `rev_f_modules`),
 G its MLP sub-layer with a Houlsby adapter after the output projection, the arrangement of MEFT's
 third variant (F = attention, G = MLP, λ = β = 0.1, streams not swapped). The forward keeps no
 graph; the backward replays the stack segment by segment from stream pairs stored every ~√L
-blocks and recomputes one sub-layer at a time (no block is inverted: see `rev_coupling`).
+blocks and recomputes one sub-layer at a time (no block is inverted: see `coupling`).
 
 Memory and time, under BK clipping (`BKEngine`):
 - backward_passes=2 (recommended, `model.recommended_backward_passes`): the first pass reduces each
@@ -30,8 +30,8 @@ from torch import nn
 
 from dpmemarc_core.methods.adapter import AdaptedOutput, BottleneckAdapter
 from dpmemarc_core.methods.placement import freeze_all_but_head, placement_of
-from dpmemarc_core.methods.rev_coupling import ReversibleStack, Sublayer, cache_argument
-from dpmemarc_core.methods.rev_f_modules import LORA_MODULES, ParallelPrefix, check_f_module, install_f_module
+from dpmemarc_core.methods.rev.coupling import ReversibleStack, Sublayer, cache_argument
+from dpmemarc_core.methods.rev.f_modules import LORA_MODULES, ParallelPrefix, check_f_module, install_f_module
 
 
 def _gpt2_attention(block: nn.Module, x: torch.Tensor, call: dict) -> torch.Tensor:
@@ -98,7 +98,7 @@ def apply_rev(model: nn.Module, r: int = 64, *, lora_alpha: float | None = None,
     LlamaForCausalLM (any model of those four model types with their block layout). Options: LoRA rank
     `r` and `lora_alpha` (default r, scale 1); `adapter_size`, the adapter bottleneck (default r);
     `x1_factor` λ and `x2_factor` β in [0, 1], MEFT's 0.1 each; `segment_size` k, blocks per replayed
-    segment (default None: about √L, `rev_coupling.default_segment_size`); `f_module`, F's trainable
+    segment (default None: about √L, `coupling.default_segment_size`); `f_module`, F's trainable
     part: "lora" (default), "parallel_adapter", "prefix" or "dylora", each sized by `r` (designs and
     departures from the original methods in `rev_f_modules`); `lora_alpha` only with "lora" and "dylora".
 

@@ -1,29 +1,16 @@
-"""`dpmemarc ...`: single-site commands. Each subcommand parses its flags and calls the library."""
+"""`dpmemarc train`: private fine-tuning on one site."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import sys
 
-from dpmemarc_core.cli_args import delta_arg, epsilon_arg, memory_arg, physical_batch_size_arg
-from dpmemarc_core.precision import PRECISIONS
-from dpmemarc_core.presets import PRESETS, preset_config
-from dpmemarc_core.train import TrainConfig, train
-
-
-def _method_options(pairs: list[str]) -> dict:
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise argparse.ArgumentTypeError(f"--method-option takes KEY=VALUE, got {pair!r}")
-        try:
-            options[key.replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key.replace("-", "_")] = value
-    return options
+from dpmemarc_core.cli.common import delta_arg, epsilon_arg, memory_arg, physical_batch_size_arg
+from dpmemarc_core.cli.common import method_options_arg
+from dpmemarc_core.single_site import train
+from dpmemarc_core.training.config import TrainConfig
+from dpmemarc_core.training.precision import PRECISIONS
+from dpmemarc_core.training.presets import PRESETS, preset_config
 
 
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
@@ -33,7 +20,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", default="quick", choices=PRESETS,
                    help="starting point for every setting below left unset: 'quick' learns in a few CPU minutes "
                         "(B=128, 3 epochs of 2000 examples, T=48, lr 5e-3, LoRA r=1), 'paper' is the paper's "
-                        "(B=32, T=128, lr 5e-4, r=64, one epoch of all examples); see dpmemarc_core/presets.py")
+                        "(B=32, T=128, lr 5e-4, r=64, one epoch of all examples); see dpmemarc_core/training/presets.py")
     p.add_argument("--model", default=d.model, help="HF name or path, or an offline alias: minilm, smollm2-135m")
     p.add_argument("--task", default=d.task, help="task name (see dpmemarc_core.data.TASKS)")
     p.add_argument("--method", default=d.method, help="full, lora, adapter, bitfit, side, rev, zo")
@@ -103,7 +90,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         max_grad_norm=args.max_grad_norm,
         clipping_mode=args.clipping_mode, clip_fn=args.clip_fn, accountant=args.accountant, seed=args.seed,
         validation=args.validation,
-        device=args.device, output=args.output, method_options=_method_options(args.method_option),
+        device=args.device, output=args.output, method_options=method_options_arg(args.method_option),
         zo_params=args.zo_params, progress=not args.no_progress, **given)
 
 
@@ -114,36 +101,3 @@ def _run_train(args: argparse.Namespace) -> int:
           f"epsilon={'inf' if math.isinf(eps) else f'{eps:.3f}'} delta={summary['delta']:.3g} "
           f"metrics before={summary['metrics_before']} after={summary['metrics']}")
     return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from dpmemarc_core.cli_audit import add_audit_parser
-    from dpmemarc_core.cli_export import add_export_parser
-    from dpmemarc_core.cli_memory import add_memory_parser
-    from dpmemarc_core.cli_plan import add_plan_parser
-
-    parser = argparse.ArgumentParser(prog="dpmemarc", description=__doc__)
-    sub = parser.add_subparsers(dest="command")
-    add_train_parser(sub)
-    add_memory_parser(sub)
-    add_plan_parser(sub)
-    add_audit_parser(sub)
-    add_export_parser(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as err:  # bad input: a message, not a traceback
-        print(f"dpmemarc {args.command}: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

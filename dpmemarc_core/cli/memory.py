@@ -6,11 +6,9 @@ import argparse
 import json
 import sys
 
-from dpmemarc_core.cli_args import epsilon_arg, positive_int
-from dpmemarc_core.memory import DEVICES, ENGINES, PRECISIONS, MemorySpec, format_report, step_memory
-from dpmemarc_core.train import ZO_PARAM_METHODS
-
-
+from dpmemarc_core.cli.common import epsilon_arg, positive_int
+from dpmemarc_core.memory.step import DEVICES, ENGINES, PRECISIONS, MemorySpec, format_report, step_memory
+from dpmemarc_core.training.config import ZO_PARAM_METHODS
 def _method_option(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
     if not sep or not key:

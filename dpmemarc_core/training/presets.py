@@ -18,8 +18,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from dpmemarc_core.train import TrainConfig
-
+from dpmemarc_core.training.config import TrainConfig
 PRESETS = ("quick", "paper")
 # The classifier head's DP-Adam rate in the quick preset: the private probe (benchmarks/private_probe.py) on
 # validation learned best at 2e-2 in one epoch, where the backbone's part takes 5e-3 at most.

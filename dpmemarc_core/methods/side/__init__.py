@@ -1,0 +1,1 @@
+"""The ladder side network (`side`): a thin trainable network beside a frozen backbone."""
