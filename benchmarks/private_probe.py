@@ -31,6 +31,7 @@ from dpmemarc_core.models import load_backbone
 from dpmemarc_core.privacy import PrivacySettings, noise_multiplier_for
 from dpmemarc_core.training.bk import PrivateTrainer
 from dpmemarc_core.training.config import sample_rate_for
+
 CACHE = Path.home() / ".cache" / "dpmemarc" / "probe-features"
 POOLINGS = ("mean", "pooler", "cls")
 

@@ -21,12 +21,12 @@ from flwr.clientapp import ClientApp
 from flwr.common import log
 
 from client.task import Site, site_for
+from dpmemarc_core.federated.budget import RUN_LINEAGE_KEY, SiteBudgetRecord, site_identity, state_dir
 from dpmemarc_core.federated.config import FederatedConfig
 from dpmemarc_core.federated.site import reply_metrics, run_site_round
-from dpmemarc_core.federated.wire import load_numpy_state, trainable_numpy_state
 from dpmemarc_core.federated.site_evaluation import EVAL_RELEASE, evaluate_site
+from dpmemarc_core.federated.wire import load_numpy_state, trainable_numpy_state
 from dpmemarc_core.privacy.settings import check_epsilon
-from dpmemarc_core.federated.budget import RUN_LINEAGE_KEY, SiteBudgetRecord, site_identity, state_dir
 from dpmemarc_core.site_data import SiteDataError
 
 app = ClientApp()

@@ -14,8 +14,8 @@ from dataclasses import astuple, dataclass
 
 from dpmemarc_core.data import Task
 from dpmemarc_core.federated.config import FederatedConfig
-from dpmemarc_core.federated.site import RunModel, SitePlan, build_run_model, plan_site
 from dpmemarc_core.federated.data import file_task, partition_task, pooled_task
+from dpmemarc_core.federated.site import RunModel, SitePlan, build_run_model, plan_site
 
 
 @dataclass

@@ -38,6 +38,7 @@ from dpmemarc_core.privacy.settings import PrivacySettings, check_count, check_d
 from dpmemarc_core.training.bk import PrivateTrainer
 from dpmemarc_core.training.config import sample_rate_for
 from dpmemarc_core.training.loop import Collate
+
 SCORE = "loss drop (loss before minus after training), centred per label"
 
 

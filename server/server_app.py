@@ -19,16 +19,16 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
+from dpmemarc_core.federated.budget import RUN_LINEAGE_KEY
 from dpmemarc_core.federated.client_level import ClientLevelBudget
-from dpmemarc_core.training.export import FINAL_DIR, federated_privacy, write_run_record
 from dpmemarc_core.federated.config import FederatedConfig
+from dpmemarc_core.federated.data import server_eval_task
 from dpmemarc_core.federated.evaluation import evaluate_numpy_state
 from dpmemarc_core.federated.site import build_run_model
-from dpmemarc_core.federated.wire import load_numpy_state, trainable_numpy_state
-from dpmemarc_core.federated.data import server_eval_task
 from dpmemarc_core.federated.site_evaluation import EVAL_METRIC_KEYS, pooled_accuracy
+from dpmemarc_core.federated.wire import load_numpy_state, trainable_numpy_state
 from dpmemarc_core.methods import save_pretrained
-from dpmemarc_core.federated.budget import RUN_LINEAGE_KEY
+from dpmemarc_core.training.export import FINAL_DIR, federated_privacy, write_run_record
 from server.checkpoint import (
     append_metrics,
     drop_metrics_after,

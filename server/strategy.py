@@ -21,7 +21,6 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg, FedProx, Strategy
 
 from dpmemarc_core.federated.config import FederatedConfig
-
 from dpmemarc_core.federated.site import REPLY_METRIC_KEYS
 from server.validation import update_norm, update_problem
 

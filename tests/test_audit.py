@@ -12,11 +12,11 @@ import torch
 from transformers import GPT2Config
 
 import dpmemarc_core.training.bk as bk_module
+from dpmemarc_core.audit import count_correct_guesses, make_canaries, membership_scores, run_audit
 from dpmemarc_core.data import Task
 from dpmemarc_core.methods import apply
 from dpmemarc_core.models import build_from_config
 from dpmemarc_core.privacy import PrivacySettings
-from dpmemarc_core.audit import count_correct_guesses, make_canaries, membership_scores, run_audit
 from dpmemarc_core.privacy.audit_bound import audit_p_value, epsilon_lower_bound
 
 # ---- the bound ---------------------------------------------------------------------------------------------

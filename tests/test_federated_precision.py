@@ -5,7 +5,6 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from dpmemarc_core.federated.config import FederatedConfig
-
 from dpmemarc_core.federated.site import site_physical_batch_size
 from dpmemarc_core.methods import apply
 

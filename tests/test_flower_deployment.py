@@ -6,14 +6,13 @@ its PID."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import urllib.request
 from pathlib import Path
-
-import json
 
 import pytest
 import torch

@@ -18,12 +18,12 @@ from transformers import AutoTokenizer, BertConfig, BertForSequenceClassificatio
 
 from client.client_app import app as client_app
 from client.task import site_for
+from dpmemarc_core.federated.budget import SiteBudgetRecord, site_identity, state_dir
 from dpmemarc_core.federated.config import FederatedConfig
 from dpmemarc_core.federated.site import REPLY_METRIC_KEYS, build_run_model
 from dpmemarc_core.federated.wire import trainable_numpy_state
 from dpmemarc_core.offline import minilm_path
 from dpmemarc_core.privacy import epsilon
-from dpmemarc_core.federated.budget import SiteBudgetRecord, site_identity, state_dir
 from server.checkpoint import read_metrics, run_lineage
 from server.local_grid import InProcessGrid
 from server.server_app import run_rounds

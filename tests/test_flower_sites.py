@@ -18,14 +18,14 @@ from client.client_app import app as client_app
 from client.task import site_for
 from dpmemarc_core import site_data
 from dpmemarc_core.cli.main import main
+from dpmemarc_core.federated.budget import SiteBudgetRecord, site_identity, state_dir
 from dpmemarc_core.federated.config import FederatedConfig
-from dpmemarc_core.federated.site import build_run_model
-from dpmemarc_core.federated.wire import load_numpy_state
 from dpmemarc_core.federated.data import server_eval_task
+from dpmemarc_core.federated.site import build_run_model
 from dpmemarc_core.federated.site_evaluation import EVAL_RELEASE
+from dpmemarc_core.federated.wire import load_numpy_state
 from dpmemarc_core.methods import load_pretrained
 from dpmemarc_core.models import load_backbone
-from dpmemarc_core.federated.budget import SiteBudgetRecord, site_identity, state_dir
 from server.checkpoint import read_metrics
 from server.local_grid import InProcessGrid
 from server.server_app import run_rounds

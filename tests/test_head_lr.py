@@ -6,6 +6,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from dpmemarc_core.methods import apply
 from dpmemarc_core.training.bk import parameter_groups
+
 CONFIG = dict(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
               max_position_embeddings=32, num_labels=2)
 

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from transformers import GPT2Config
 
 from dpmemarc_core.cli.memory import add_memory_parser
-from dpmemarc_core.memory.step import MemorySpec, step_memory
 from dpmemarc_core.memory.emulation import FusedAttention, MetaAutocast, meta_autocast_queries
+from dpmemarc_core.memory.step import MemorySpec, step_memory
 from dpmemarc_core.memory.tracker import StorageTracker
 from dpmemarc_core.methods import apply
 from dpmemarc_core.models import build_from_config

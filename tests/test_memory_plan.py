@@ -10,7 +10,6 @@ from transformers import GPT2Config
 
 import dpmemarc_core.memory.plan as memory_plan
 from dpmemarc_core.cli.plan import add_plan_parser
-from dpmemarc_core.memory.step import MemorySpec
 from dpmemarc_core.memory.plan import (
     SIMULATION_LOW_BY,
     largest_fitting_batch,
@@ -19,6 +18,7 @@ from dpmemarc_core.memory.plan import (
     required_bytes,
     simulated_step,
 )
+from dpmemarc_core.memory.step import MemorySpec
 
 MIB = 1024 ** 2
 

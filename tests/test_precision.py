@@ -10,10 +10,18 @@ from test_train import collate, examples, tiny_lm
 
 from dpmemarc_core.losses import model_per_example_loss
 from dpmemarc_core.methods import apply
-from dpmemarc_core.training.precision import LossScaler, default_precision, frozen_dtype, prepare_model, resolve_precision
 from dpmemarc_core.privacy import BKEngine, PrivacySettings
 from dpmemarc_core.training.bk import PrivateTrainer
 from dpmemarc_core.training.loop import StepStats
+from dpmemarc_core.training.precision import (
+    LossScaler,
+    default_precision,
+    frozen_dtype,
+    prepare_model,
+    resolve_precision,
+)
+
+
 def lora_lm(precision: str) -> torch.nn.Module:
     """The same tiny LoRA language model, frozen weights loaded in the precision's dtype."""
     model = apply(tiny_lm(), "lora", r=4)

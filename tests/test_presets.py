@@ -3,10 +3,11 @@
 import pytest
 
 from dpmemarc_core.cli.main import build_parser
-
 from dpmemarc_core.cli.train import train_config_from_args
-from dpmemarc_core.training.presets import preset_config
 from dpmemarc_core.training.config import TrainConfig
+from dpmemarc_core.training.presets import preset_config
+
+
 def _config(*flags: str) -> TrainConfig:
     return train_config_from_args(build_parser().parse_args(["train", *flags]))
 

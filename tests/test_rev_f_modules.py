@@ -6,15 +6,15 @@ import copy
 
 import pytest
 import torch
+from bk_reference import assert_bk_matches_reference
 from peft.tuners.lora import LoraLayer
+from test_reversible import assert_same_gradients, batch_for, build, gradients, loss_fn, reversible, stack_of
 from torch import nn
 from transformers import GPT2Config
 
-from bk_reference import assert_bk_matches_reference
 from dpmemarc_core.memory.step import MemorySpec, step_memory
 from dpmemarc_core.methods.registry import apply
 from dpmemarc_core.methods.rev.stack import apply_rev
-from test_reversible import assert_same_gradients, batch_for, build, gradients, loss_fn, reversible, stack_of
 
 VARIANTS = ("parallel_adapter", "prefix", "dylora")
 FAMILIES = ("gpt2", "roberta", "llama")

@@ -13,13 +13,13 @@ import importlib.util
 
 import pytest
 import torch
+from bk_reference import assert_bk_matches_reference
+from test_reversible import batch_for, loss_fn, reversible, stack_of
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from bk_reference import assert_bk_matches_reference
 from dpmemarc_core.losses import per_example_loss
 from dpmemarc_core.methods.rev.stack import apply_rev
-from test_reversible import batch_for, loss_fn, reversible, stack_of
 
 FP32_TOLERANCE = 1e-5
 

@@ -8,11 +8,19 @@ import math
 
 import pytest
 import torch
-from torch import nn
-from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                          LlamaForCausalLM, RobertaConfig, RobertaForSequenceClassification)
-
 from bk_reference import assert_bk_matches_reference
+from torch import nn
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
+
 from dpmemarc_core.losses import per_example_loss
 from dpmemarc_core.methods.rev.coupling import ReversibleStack, default_segment_size
 from dpmemarc_core.methods.rev.stack import apply_rev

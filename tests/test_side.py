@@ -5,15 +5,23 @@ from __future__ import annotations
 import pytest
 import torch
 from bk_reference import assert_bk_matches_reference, clipped_reference
-from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2ForSequenceClassification,
-                          GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, RobertaConfig,
-                          RobertaForSequenceClassification)
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
 from transformers.activations import ACT2FN
 
 from dpmemarc_core.losses import per_example_loss
-from dpmemarc_core.methods.side.model import apply_side, pool
 from dpmemarc_core.methods.side.families import read_family
 from dpmemarc_core.methods.side.init import plan_pruning
+from dpmemarc_core.methods.side.model import apply_side, pool
 from dpmemarc_core.methods.side.network import allowed_keys
 from dpmemarc_core.models import FUSED_ACTIVATIONS
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 from bk_reference import assert_bk_matches_reference, clipped_reference
 from test_side import _batch, _side
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from dpmemarc_core import losses
 from dpmemarc_core.losses import model_per_example_loss, per_example_loss

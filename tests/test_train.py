@@ -11,6 +11,8 @@ from dpmemarc_core.privacy.noise import privatize_gradients
 from dpmemarc_core.training.bk import PrivateTrainer
 from dpmemarc_core.training.config import TrainConfig, planned_steps, sample_rate_for
 from dpmemarc_core.training.loop import StepStats
+
+
 def tiny_lm() -> GPT2LMHeadModel:
     torch.manual_seed(0)
     cfg = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=31, n_positions=16, resid_pdrop=0.0,

@@ -10,9 +10,9 @@ from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadMo
 
 from dpmemarc_core.losses import per_example_loss
 from dpmemarc_core.privacy import PrivacySettings, epsilon
+from dpmemarc_core.privacy.clip import clip_scalars
 from dpmemarc_core.training.bk import PrivateTrainer
 from dpmemarc_core.training.loop import StepStats
-from dpmemarc_core.privacy.clip import clip_scalars
 from dpmemarc_core.training.zo import ZOTrainer, apply_zo_updates
 from dpmemarc_core.training.zo_directions import perturb_
 

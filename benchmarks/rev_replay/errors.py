@@ -7,12 +7,17 @@ bf16 (CPU autocast): reference = plain autograd in float64; plain bf16 autograd'
 
     PYTHONPATH=<tree> python rev_errors.py {old|new} OUT.json [segment_size ...]
 """
-import copy, json, sys, time
+import copy
+import json
+import sys
+import time
+
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
+
 from dpmemarc_core.losses import per_example_loss
-from dpmemarc_core.methods.rev.stack import apply_rev
 from dpmemarc_core.methods.rev.coupling import ReversibleStack
+from dpmemarc_core.methods.rev.stack import apply_rev
 from dpmemarc_core.models import load_backbone
 
 which, out = sys.argv[1], sys.argv[2]

@@ -7,7 +7,11 @@ process run with PYTHONPATH=<tree>.
 
     python rev_memory.py OLDSIM OLD NEWSIM NEW CONFIG_DIR OUT.json
 """
-import json, os, subprocess, sys, copy
+import copy
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 oldsim, old, newsim, new, config_dir, out = sys.argv[1:7]

@@ -8,7 +8,12 @@ thread, 1 warm-up + median of 3 steps, dropout on, DP sigma=1 C=1, BK mixed), ro
 
     python rev_speed.py OLD NEW ROUNDS OUT.json
 """
-import json, os, statistics, subprocess, sys, time
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
 
 old, new, rounds, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 TAG = "STEP_SPEED_RESULT "

@@ -3,10 +3,14 @@ last hidden state, ‖h_rev − h‖/‖h‖ over real tokens, real MiniLM and S
 
     python rev_start_point.py OUT.json
 """
-import json, sys, copy
+import copy
+import json
+import sys
+
 import torch
-from dpmemarc_core.models import load_backbone
+
 from dpmemarc_core.methods.rev.stack import apply_rev
+from dpmemarc_core.models import load_backbone
 
 out = {}
 for name, kind in (("minilm", "classification"), ("smollm2-135m", "generation")):

@@ -4,7 +4,11 @@ only to compare the two codes step by step): the trainable state and eval metric
 
     PYTHONPATH=<tree> python rev_twin_run.py OUT.pt STEPS
 """
-import json, sys, torch
+import json
+import sys
+
+import torch
+
 from dpmemarc_core.data import load_task
 from dpmemarc_core.methods import apply
 from dpmemarc_core.metrics import evaluate_classification
@@ -12,6 +16,7 @@ from dpmemarc_core.models import load_backbone
 from dpmemarc_core.privacy import PrivacySettings
 from dpmemarc_core.training.build import make_trainer
 from dpmemarc_core.training.loop import StepStats
+
 out, steps = sys.argv[1], int(sys.argv[2])
 torch.set_num_threads(1)
 torch.manual_seed(0)

@@ -9,8 +9,8 @@ import argparse
 import json
 import math
 
-from dpmemarc_core.cli.common import epsilon_arg
 from dpmemarc_core.audit import AuditResult, run_audit, tokenizer_canaries
+from dpmemarc_core.cli.common import epsilon_arg
 from dpmemarc_core.privacy.settings import PrivacySettings
 
 # The bound pays 2·m·δ: with a δ of order 1/N and m canaries among N examples that term is about 1,

@@ -9,6 +9,8 @@ import sys
 from dpmemarc_core.cli.common import epsilon_arg, positive_int
 from dpmemarc_core.memory.step import DEVICES, ENGINES, PRECISIONS, MemorySpec, format_report, step_memory
 from dpmemarc_core.training.config import ZO_PARAM_METHODS
+
+
 def _method_option(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
     if not sep or not key:

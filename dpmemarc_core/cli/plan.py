@@ -7,9 +7,10 @@ import json
 import os
 
 from dpmemarc_core.cli.common import epsilon_arg, positive_int
-from dpmemarc_core.memory.step import PRECISIONS, MemorySpec
 from dpmemarc_core.memory.plan import PLAN_METHODS, SIMULATION_LOW_BY, PlanOption, parse_memory_size, plan
+from dpmemarc_core.memory.step import PRECISIONS, MemorySpec
 from dpmemarc_core.training.config import ZO_PARAM_METHODS
+
 GIB = 1024 ** 3
 
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from dpmemarc_core.cli.common import delta_arg, epsilon_arg, memory_arg, physical_batch_size_arg
-from dpmemarc_core.cli.common import method_options_arg
+from dpmemarc_core.cli.common import delta_arg, epsilon_arg, memory_arg, method_options_arg, physical_batch_size_arg
 from dpmemarc_core.single_site import train
 from dpmemarc_core.training.config import TrainConfig
 from dpmemarc_core.training.precision import PRECISIONS

@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from dpmemarc_core.memory.step import GIB, MemorySpec, step_memory
 from dpmemarc_core.memory.cache import cache_root, cached
+from dpmemarc_core.memory.step import GIB, MemorySpec, step_memory
 
 PLAN_METHODS = ("full", "lora", "adapter", "bitfit", "side", "rev", "zo")
 # Among options equally fast (same micro-steps per logical batch), the method that learnt more in the

@@ -47,11 +47,12 @@ from transformers import PretrainedConfig
 import dpmemarc_core.privacy as privacy_package
 from dpmemarc_core.memory.tracker import ROLES, StorageTracker
 from dpmemarc_core.models import TASK_KINDS, build_from_config, published_config
-from dpmemarc_core.training.precision import PRECISIONS, autocast_context, frozen_dtype, prepare_model
 from dpmemarc_core.privacy import PrivacySettings
 from dpmemarc_core.training.bk import PrivateTrainer
 from dpmemarc_core.training.config import ZO_PARAM_METHODS
 from dpmemarc_core.training.loop import StepStats
+from dpmemarc_core.training.precision import PRECISIONS, autocast_context, frozen_dtype, prepare_model
+
 ENGINES = ("bk", "opacus", "nondp")
 DEVICES = ("meta", "cuda", "cpu")
 # Encoder families are fine-tuned for classification (2 labels); every other family as a causal LM.

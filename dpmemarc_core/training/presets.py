@@ -1,8 +1,9 @@
 """Named starting points for a single-site run (`dpmemarc train --preset NAME`).
 
 `paper` is the paper's setting (B=32, T=128, DP-Adam lr 5e-4, LoRA/adapter r=64, one epoch): the library's
-TrainConfig defaults, with the paper's δ = 1/N instead of the library's 1/(10N). It is meant for a GPU and the paper's 50k examples; on the offline MiniLM + movie
-snippets at ε=8 it barely moves in the steps a CPU allows (10 steps: 55.5 → 56.0 %).
+TrainConfig defaults, with the paper's δ = 1/N instead of the library's 1/(10N). It is meant for a GPU and
+the paper's 50k examples; on the offline MiniLM + movie snippets it barely moves in the steps a CPU allows
+(BENCHMARKS.md, "Quickstart recipe").
 
 `quick` (the CLI's default) is what was measured to learn on a 2-core CPU in a few minutes, at ε=8 on the
 offline MiniLM + movie snippets (BENCHMARKS.md, "Private recipe"; the older "Quickstart recipe" shows how it
@@ -19,6 +20,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from dpmemarc_core.training.config import TrainConfig
+
 PRESETS = ("quick", "paper")
 # The classifier head's DP-Adam rate in the quick preset: the private probe (benchmarks/private_probe.py) on
 # validation learned best at 2e-2 in one epoch, where the backbone's part takes 5e-3 at most.

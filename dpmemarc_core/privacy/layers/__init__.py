@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from dpmemarc_core.privacy.layers.embedding import EmbeddingHandler
 from dpmemarc_core.privacy.layers.contributions import GhostRule
+from dpmemarc_core.privacy.layers.embedding import EmbeddingHandler
 from dpmemarc_core.privacy.layers.linear import LinearHandler
 from dpmemarc_core.privacy.layers.norms import LayerNormHandler, RMSNormHandler, is_rms_norm
 
