@@ -159,7 +159,8 @@ class ValidatedUpdates(Strategy):
 def _site_fields(metrics: MetricRecord | None) -> dict:
     if metrics is None:
         return {}
-    # What metrics.jsonl keeps of a reply: the allow-listed privacy facts (dpmemarc_core.federated.REPLY_METRIC_KEYS).
+    # What metrics.jsonl keeps of a reply: the allow-listed privacy facts
+    # (dpmemarc_core.federated.site.REPLY_METRIC_KEYS).
     return {key: metrics[key] for key in REPLY_METRIC_KEYS if key in metrics}
 
 
