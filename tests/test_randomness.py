@@ -77,3 +77,35 @@ def test_secure_mode_runs_through_the_trainer():
     assert trainer.accountant.steps == 2 and not torch.equal(before, model.weight)
     with pytest.raises(ValueError, match="seed must be None in secure mode"):
         PrivateTrainer(Wrapped(), examples, collate, privacy, sample_rate=0.5, noise_multiplier=1.0, noise_seed=1)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_parallel_cpu_noise_is_one_seeded_stream_whatever_the_thread_count(threads):
+    from dpmemarc_core.privacy.randomness import NOISE_CHUNK
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        reference = PrivateRandomness(seed=5).add_normal_(torch.zeros(5 * NOISE_CHUNK + 3), 0.5)
+        torch.set_num_threads(threads)
+        again = PrivateRandomness(seed=5).add_normal_(torch.zeros(5 * NOISE_CHUNK + 3), 0.5)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(reference, again)
+    assert float(reference.std()) == pytest.approx(0.5, rel=0.01)
+    assert abs(float(reference.mean())) < 5 * 0.5 / math.sqrt(reference.numel())
+    # Every piece is drawn (no chunk left at zero) and the pieces are not copies of each other.
+    pieces = reference[:5 * NOISE_CHUNK].view(5, NOISE_CHUNK)
+    assert bool((pieces != 0).all())
+    assert len({round(float(p.std()), 6) for p in pieces}) == 5
+    assert not torch.equal(pieces[0], pieces[1])
+
+
+def test_noise_adds_to_what_is_there_and_entropy_streams_differ():
+    base = torch.arange(10.0)
+    noisy = PrivateRandomness(seed=1).add_normal_(base.clone(), 1e-3)
+    assert torch.allclose(noisy, base, atol=0.01) and not torch.equal(noisy, base)
+    big = 3 * 2**18
+    assert not torch.equal(PrivateRandomness().add_normal_(torch.zeros(big), 1.0),
+                           PrivateRandomness().add_normal_(torch.zeros(big), 1.0))
+    meta = PrivateRandomness("meta").add_normal_(torch.empty(4, device="meta"), 1.0)
+    assert meta.device.type == "meta"

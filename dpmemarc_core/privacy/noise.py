@@ -27,6 +27,7 @@ def privatize_gradients(params: Iterable[torch.nn.Parameter], noise_multiplier: 
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        if std > 0:
-            p.grad.add_(randomness.normal(p.grad.shape, p.grad.dtype, p.grad.device), alpha=std)
+        # (sum + std·z) / B as sum / B + (std / B)·z: the noise is drawn at its final scale, one pass fewer.
         p.grad.div_(expected_batch_size)
+        if std > 0:
+            randomness.add_normal_(p.grad, std / expected_batch_size)
