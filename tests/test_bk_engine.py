@@ -369,3 +369,20 @@ def test_per_example_loss_keeps_float64():
     labels = torch.randint(0, VOCAB, (2, SEQ))
     assert per_example_loss(logits, labels).dtype == torch.float64
     assert per_example_loss(logits[:, 0], labels[:, 0]).dtype == torch.float64
+
+
+@pytest.mark.parametrize("rows,cols,seq_len,factored", [
+    (768, 64, 128, False),    # LoRA A at T=128: per-example 49k < T·(rows+cols) = 106k (the paper's rule: factored)
+    (64, 2304, 128, False),   # LoRA B
+    (768, 3072, 128, True),   # GPT-2 c_fc: 2.4M exceeds both 2T² and T·(rows+cols)
+    (768, 768, 512, False),   # GPT-2 c_proj at T=512: 590k < T·(rows+cols) = 786k
+    (768, 768, 128, True),
+    (96, 96, 128, False),     # small side-network layer: the paper's rule already instantiates
+])
+def test_mixed_rule_factors_only_what_is_larger_both_ways(rows, cols, seq_len, factored):
+    from dpmemarc_core.privacy.layers import GhostRule
+    param = torch.empty(rows, cols)
+    assert GhostRule("mixed", set())(param, seq_len) is factored
+    assert GhostRule("ghost", set())(param, seq_len) is True
+    assert GhostRule("instantiate", set())(param, seq_len) is False
+    assert GhostRule("instantiate", {id(param)})(param, seq_len) is True  # used twice: cross terms need factors

@@ -305,12 +305,12 @@ class BKEngine:
             total = None
             if book.instantiated is not None:
                 total = instantiated_clipped_sum(_rows(book.instantiated, keep), factors)
-            for f in book.factored:
+            # Dense uses first, so that one-hot uses (embeddings) scatter into their sum in place.
+            for f in sorted(book.factored, key=lambda f: f.left is None):
                 if keep is not None:
                     f = Factored(right=_rows(f.right, keep), left=None if f.left is None else _rows(f.left, keep),
                                  left_ids=f.left_ids)
-                part = factored_clipped_sum(f, factors, param.shape)
-                total = part if total is None else total + part
+                total = factored_clipped_sum(f, factors, param.shape, out=total)
             total = total.to(param.dtype)
             if param.grad is None:
                 param.grad = total

@@ -66,13 +66,21 @@ def factored_inner(u: Factored, v: Factored) -> torch.Tensor:
     return (left_gram(u, v) * right).sum(dim=(1, 2))
 
 
-def factored_clipped_sum(f: Factored, scale: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Σ_b scale_b Σ_t left[b,t] ⊗ right[b,t], in the norm dtype, shape `shape` (rows, cols)."""
+def factored_clipped_sum(f: Factored, scale: torch.Tensor, shape: torch.Size,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_b scale_b Σ_t left[b,t] ⊗ right[b,t], in the norm dtype, shape `shape` (rows, cols).
+
+    With `out` (the sum of a parameter's other uses so far, in the norm dtype) the result is added into it
+    and `out` returned: a one-hot use then scatters into it instead of into a new zero table (the tied
+    embedding's V×d, twice over, otherwise).
+    """
     dt = norm_dtype(f.right.dtype)
     right = (f.right.to(dt) * scale.to(dt)[:, None, None]).flatten(0, 1)
     if f.left is not None:
-        return f.left.to(dt).flatten(0, 1).transpose(0, 1) @ right
-    out = torch.zeros(shape, dtype=dt, device=right.device)
+        part = f.left.to(dt).flatten(0, 1).transpose(0, 1) @ right
+        return part if out is None else out.add_(part)
+    if out is None:
+        out = torch.zeros(shape, dtype=dt, device=right.device)
     return out.index_add_(0, f.left_ids.flatten(), right)
 
 
@@ -84,9 +92,16 @@ def instantiated_clipped_sum(per_example: torch.Tensor, scale: torch.Tensor) -> 
 class GhostRule:
     """Decides, per parameter and sequence length, whether a weight's per-example gradient stays factored.
 
-    "mixed" is BK-MixOpt: the ghost norm costs ~B·T² per layer, instantiating ~B·rows·cols, so keep it
-    factored when 2T² < rows·cols. A parameter used more than once in the forward (tied embedding and
-    LM head, a module called twice) is always factored: the cross terms between its uses need it.
+    "mixed" instantiates whenever that costs no more memory than one of the two measures of the factored
+    form, since it is then also the cheaper one in time: per example, instantiating takes T·rows·cols
+    multiply-adds and gives the norm and the clipped sum in a few passes over rows·cols numbers, while the
+    factored form pays the same T·rows·cols for its clipped sum *plus* the ghost norm's T²·(rows + cols).
+    The two memory measures: BK-MixOpt's (the paper's rule: the T×T gram pair against the rows·cols
+    gradient, so factored when 2T² < rows·cols) and what one-pass BK keeps until the clip (factored keeps
+    a and g, T·(rows + cols) numbers per example). So factored only when rows·cols exceeds both. This
+    instantiates LoRA factors at T=128 (768×64: 49k numbers against 2T² = 33k and T·(rows + cols) = 106k),
+    where the paper's rule alone kept them factored. A parameter used more than once in the forward (tied
+    embedding and LM head, a module called twice) is always factored: the cross terms between its uses need it.
     """
 
     def __init__(self, mode: str, shared: set[int]) -> None:
@@ -98,4 +113,5 @@ class GhostRule:
             return True
         if self.mode == "instantiate":
             return False
-        return 2 * seq_len * seq_len < param.shape[0] * param.shape[1]
+        rows, cols = param.shape[0], param.shape[1]
+        return rows * cols > max(2 * seq_len * seq_len, seq_len * (rows + cols))
