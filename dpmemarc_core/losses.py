@@ -25,8 +25,12 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 
 
 def _summed_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    nll = F.cross_entropy(_at_least_fp32(logits).transpose(1, 2), targets, reduction="none", ignore_index=-100)
-    return nll.sum(1)  # ignored positions contribute exactly 0
+    # Rows of a (B·t, V) matrix: the (B, V, t) layout cross_entropy takes for sequences is a transposed view
+    # that it copies with a strided gather, most of the loss's time on a CPU.
+    batch, length, vocab = logits.shape
+    nll = F.cross_entropy(_at_least_fp32(logits).reshape(batch * length, vocab), targets.reshape(-1),
+                          reduction="none", ignore_index=-100)
+    return nll.view(batch, length).sum(1)  # ignored positions contribute exactly 0
 
 
 class _ChunkedSummedNLL(torch.autograd.Function):

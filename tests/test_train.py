@@ -65,8 +65,10 @@ def test_micro_batches_give_the_same_update_as_one_batch():
         trainer = make_trainer(model, data, sigma=0.0, q=1.0, physical_batch_size=physical)
         trainer.step(list(range(8)), StepStats())
         finals.append([p.detach().clone() for p in model.parameters()])
+    # Adam's first step is ≈ lr·sign(g) = ±1e-2 per coordinate, so a dropped or doubled micro-batch moves many
+    # coordinates by ~1e-2; summing in another order moves a near-zero coordinate's g/(|g|+eps) by ~1e-6.
     for a, b in zip(*finals):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_non_private_run_learns_the_pattern():
