@@ -46,6 +46,8 @@ EPSILON = 8.0
 # row → (method, backward passes for rev or None, private, description)
 ROWS: dict[str, tuple[str, int | None, bool, str]] = {
     "nondp-lora": ("lora", None, False, "non-DP LoRA r=64 (peft), plain backward"),
+    "nondp-side": ("side", None, False, "non-DP side network, reduction 8, plain backward"),
+    "nondp-rev": ("rev", None, False, "non-DP reversible, plain backward through the replay"),
     "dp-full": ("full", None, True, "DP full fine-tuning, BK"),
     "dp-lora": ("lora", None, True, "DP LoRA r=64, BK"),
     "dp-adapter": ("adapter", None, True, "DP Houlsby adapter, bottleneck 64, BK"),

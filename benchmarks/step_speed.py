@@ -11,8 +11,10 @@ a user runs per batch: forward, causal-LM loss, backward (clipped for DP), noise
 fastDP is not a package: give its source tree with --fastdp-src (benchmarks/_fastdp_setup.sh fetches
 one). Without it the fastDP rows are reported as failed, with that reason.
 
-Wall time and process CPU time are both recorded. On a machine shared with other work, the CPU time of a
-one-thread run (--threads 1) is the figure that measures this code rather than its neighbours.
+Wall time with all of torch's threads (its default) is the headline figure: it is what a user waits for,
+and it shows work that does not parallelise (noise drawing, per-layer Python, small reductions). Process
+CPU time is the second column; `--threads 1` gives the one-thread view. Both need a quiet machine, and
+`--repeats` ≥ 2 (rounds in alternating order): a single measurement moves by ±5 %.
 """
 
 from __future__ import annotations
@@ -50,7 +52,16 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "bk-lora": ("lora", "ours: BK DP-LoRA (peft), mixed"),
     "bk-full": ("full", "ours: BK DP-full, mixed"),
     "bk-full-ghost": ("full", "ours: BK DP-full, ghost"),
+    # side and rev exist only here: their step is the dpmemarc trainer's (method_speed.py builds it), and the
+    # ratio is to the same trainer without DP.
+    "side": ("side", "non-DP side network, reduction 8 (dpmemarc trainer)"),
+    "bk-side": ("side", "ours: BK DP side network, reduction 8"),
+    "rev": ("rev", "non-DP reversible LoRA r=64 (dpmemarc trainer)"),
+    "bk-rev": ("rev", "ours: BK DP reversible, 2 backward passes (the default: BK buffers O(1) in depth)"),
+    "bk-rev-1pass": ("rev", "ours: BK DP reversible, 1 backward pass"),
 }
+TRAINER_ROWS = {"side": "nondp-side", "bk-side": "dp-side", "rev": "nondp-rev", "bk-rev": "dp-rev",
+                "bk-rev-1pass": "dp-rev-1pass"}
 
 Step = Callable[[torch.Tensor], None]
 
@@ -180,8 +191,20 @@ def fastdp_step(family: str, device: torch.device, batch_size: int, source: str 
     return step
 
 
-def make_step(variant: str, device: torch.device, batch_size: int, fastdp_src: str | None) -> Step:
+def trainer_step(variant: str, device: torch.device, batch_size: int, seq_len: int) -> Step:
+    """A dpmemarc trainer's step over its own fixed batch (the same `random_ids` as every other variant)."""
+    from method_speed import build_trainer
+
+    from dpmemarc_core.training.loop import StepStats
+
+    trainer, indices = build_trainer(TRAINER_ROWS[variant], "gpt2", batch_size, seq_len, device)
+    return lambda ids: trainer.step(indices, StepStats())
+
+
+def make_step(variant: str, device: torch.device, batch_size: int, seq_len: int, fastdp_src: str | None) -> Step:
     family = VARIANTS[variant][0]
+    if variant in TRAINER_ROWS:
+        return trainer_step(variant, device, batch_size, seq_len)
     if variant in ("lora", "full"):
         return non_dp_step(family, device, batch_size)
     if variant.startswith("bk-"):
@@ -237,7 +260,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    step = make_step(args.one, device, args.batch_size, args.fastdp_src)
+    step = make_step(args.one, device, args.batch_size, args.seq_len, args.fastdp_src)
     ids = random_ids(args.batch_size, args.seq_len, 50257, device)
     return measure(lambda: step(ids), device, args.warmup, args.steps)
 
