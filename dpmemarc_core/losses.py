@@ -91,6 +91,13 @@ def _autocast(state: tuple[str, bool, torch.dtype | None]):
     return torch.autocast(device_type, dtype=dtype) if enabled else nullcontext()
 
 
+def _head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The LM head over a (B, t, d) chunk as one (B·t, d) matmul: given the 3-D slice, F.linear runs a bmm with
+    the V×d head expanded per example (B thin GEMMs of t rows: 35x slower on a CPU at B=8, t=10)."""
+    batch, length, dim = hidden.shape
+    return F.linear(hidden.reshape(batch * length, dim), weight, bias).view(batch, length, -1)
+
+
 class _ChunkedHeadSummedNLL(torch.autograd.Function):
     """Σ_t nll of each example with the (frozen) LM head applied inside each chunk of positions.
 
@@ -105,7 +112,7 @@ class _ChunkedHeadSummedNLL(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.chunk = chunk
         ctx.autocast = _autocast_state(hidden.device.type)
-        return sum(_summed_nll(F.linear(hidden[:, s:s + chunk], weight, bias), targets[:, s:s + chunk])
+        return sum(_summed_nll(_head_logits(hidden[:, s:s + chunk], weight, bias), targets[:, s:s + chunk])
                    for s in range(0, hidden.shape[1], chunk))
 
     @staticmethod
@@ -115,7 +122,7 @@ class _ChunkedHeadSummedNLL(torch.autograd.Function):
         for s in range(0, hidden.shape[1], ctx.chunk):
             with torch.enable_grad(), _autocast(ctx.autocast):
                 piece = hidden[:, s:s + ctx.chunk].detach().requires_grad_()
-                part = _summed_nll(F.linear(piece, weight, bias), targets[:, s:s + ctx.chunk])
+                part = _summed_nll(_head_logits(piece, weight, bias), targets[:, s:s + ctx.chunk])
             grad[:, s:s + ctx.chunk] = torch.autograd.grad(part, piece, grad_total)[0]
         return grad, None, None, None, None
 
