@@ -92,16 +92,12 @@ def instantiated_clipped_sum(per_example: torch.Tensor, scale: torch.Tensor) -> 
 class GhostRule:
     """Decides, per parameter and sequence length, whether a weight's per-example gradient stays factored.
 
-    "mixed" instantiates whenever that costs no more memory than one of the two measures of the factored
-    form, since it is then also the cheaper one in time: per example, instantiating takes T·rows·cols
-    multiply-adds and gives the norm and the clipped sum in a few passes over rows·cols numbers, while the
-    factored form pays the same T·rows·cols for its clipped sum *plus* the ghost norm's T²·(rows + cols).
-    The two memory measures: BK-MixOpt's (the paper's rule: the T×T gram pair against the rows·cols
-    gradient, so factored when 2T² < rows·cols) and what one-pass BK keeps until the clip (factored keeps
-    a and g, T·(rows + cols) numbers per example). So factored only when rows·cols exceeds both. This
-    instantiates LoRA factors at T=128 (768×64: 49k numbers against 2T² = 33k and T·(rows + cols) = 106k),
-    where the paper's rule alone kept them factored. A parameter used more than once in the forward (tied
-    embedding and LM head, a module called twice) is always factored: the cross terms between its uses need it.
+    "mixed" is BK-MixOpt: the ghost norm costs ~B·T² per layer, instantiating ~B·rows·cols, so keep it
+    factored when 2T² < rows·cols. (Instantiating also whenever the per-example gradient is no larger than
+    the a and g the factored form keeps was tried: no measurable step-time gain on GPT-2 small, and the side
+    network's peak memory rose by a quarter, its per-example gradients being fp32 where a and g are bf16;
+    BENCHMARKS.md, "Step time".) A parameter used more than once in the forward (tied embedding and LM head,
+    a module called twice) is always factored: the cross terms between its uses need it.
     """
 
     def __init__(self, mode: str, shared: set[int]) -> None:
@@ -113,5 +109,4 @@ class GhostRule:
             return True
         if self.mode == "instantiate":
             return False
-        rows, cols = param.shape[0], param.shape[1]
-        return rows * cols > max(2 * seq_len * seq_len, seq_len * (rows + cols))
+        return 2 * seq_len * seq_len < param.shape[0] * param.shape[1]
