@@ -46,18 +46,21 @@ from transformers import PretrainedConfig
 
 import dpmemarc_core.privacy as privacy_package
 from dpmemarc_core.memory.tracker import ROLES, StorageTracker
+from dpmemarc_core.methods.families import ENCODER_MODEL_TYPES
 from dpmemarc_core.models import TASK_KINDS, build_from_config, published_config
 from dpmemarc_core.privacy import PrivacySettings
 from dpmemarc_core.training.bk import PrivateTrainer
 from dpmemarc_core.training.config import ZO_PARAM_METHODS
 from dpmemarc_core.training.loop import StepStats
-from dpmemarc_core.training.precision import PRECISIONS, autocast_context, frozen_dtype, prepare_model
+from dpmemarc_core.training.precision import (
+    PRECISIONS,
+    autocast_context,
+    frozen_dtype,
+    prepare_model,
+)
 
 ENGINES = ("bk", "opacus", "nondp")
 DEVICES = ("meta", "cuda", "cpu")
-# Encoder families are fine-tuned for classification (2 labels); every other family as a causal LM.
-ENCODER_FAMILIES = frozenset({"bert", "roberta", "xlm-roberta", "distilbert", "deberta", "deberta-v2", "electra",
-                              "albert", "camembert", "mpnet"})
 SIMULATION_NOTE = ("meta-device figures are simulated and read 5-15 % low: the CUDA caching allocator "
                    "(block rounding, fragmentation) and library workspaces are not modelled")
 STEPS = 2  # the first creates the optimizer state, the second is the steady state a long run sees
@@ -85,7 +88,7 @@ class MemorySpec:
     attn_implementation: str | None = None  # None: the model's default (sdpa)
     seed: int = 0
     zo_params: str = "full"  # method "zo" perturbs the trainable part of this method: full, lora or bitfit
-    task_kind: str | None = None  # None: classification for encoder families, generation otherwise
+    task_kind: str | None = None  # None: classification (2 labels) for encoder families, generation otherwise
     num_labels: int = 2  # classification only
 
     def __post_init__(self) -> None:
@@ -130,7 +133,7 @@ class MemorySpec:
 
 
 def task_kind_of(config: PretrainedConfig) -> str:
-    return "classification" if config.model_type in ENCODER_FAMILIES else "generation"
+    return "classification" if config.model_type in ENCODER_MODEL_TYPES else "generation"
 
 
 def step_memory(spec: MemorySpec) -> dict:
@@ -335,7 +338,11 @@ def _kernels(device: torch.device) -> Iterator[None]:
     if device.type != "meta":
         yield
         return
-    from dpmemarc_core.memory.emulation import FusedAttention, meta_autocast_queries, meta_values_unknown
+    from dpmemarc_core.memory.emulation import (
+        FusedAttention,
+        meta_autocast_queries,
+        meta_values_unknown,
+    )
 
     with meta_values_unknown(), meta_autocast_queries(), FusedAttention():
         yield

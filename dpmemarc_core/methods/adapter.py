@@ -7,7 +7,8 @@ import re
 import torch
 from torch import nn
 
-from dpmemarc_core.methods.placement import block_regex, freeze_all_but_head, placement_of
+from dpmemarc_core.methods.families import layout_of
+from dpmemarc_core.methods.placement import block_regex, freeze_all_but_head
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
@@ -66,8 +67,8 @@ def apply_adapter(model: nn.Module, *, bottleneck: int = 64, activation: str = "
         raise ValueError(f"adapter: bottleneck must be an integer >= 1, got {bottleneck!r}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"adapter: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-    placement = placement_of(model, "adapter")
-    pattern = block_regex(placement, (placement.attention_output, placement.mlp_output))
+    layout = layout_of(model, "adapter")
+    pattern = block_regex(layout, (layout.attention_output, layout.mlp_output))
     paths = [name for name, _ in model.named_modules() if re.fullmatch(pattern, name)]
     if not paths:
         raise ValueError(f"adapter: no module of {type(model).__name__} matches {pattern!r}")

@@ -12,13 +12,14 @@ from collections.abc import Sequence
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from torch import nn
 
-from dpmemarc_core.methods.placement import block_regex, classifier_head, placement_of
+from dpmemarc_core.methods.families import FAMILIES, layout_of, model_type_of
+from dpmemarc_core.methods.placement import block_regex, classifier_head
 
 
 def _target_modules(model: nn.Module, target_modules: str | Sequence[str] | None, include_mlp: bool) -> str | list[str]:
     if target_modules is None:
-        placement = placement_of(model, "lora")
-        return block_regex(placement, placement.attention + (placement.mlp if include_mlp else ()))
+        layout = layout_of(model, "lora")
+        return block_regex(layout, layout.query_value + (layout.mlp_projections if include_mlp else ()))
     if include_mlp:
         raise ValueError("lora: give either target_modules or include_mlp=True, not both")
     if isinstance(target_modules, str):
@@ -51,6 +52,7 @@ def apply_lora(model: nn.Module, *, r: int = 64, lora_alpha: float | None = None
     if not isinstance(include_mlp, bool):
         raise ValueError(f"lora: include_mlp must be True or False, got {include_mlp!r}")
     targets = _target_modules(model, target_modules, include_mlp)
+    family = FAMILIES.get(model_type_of(model))  # None for a family without a layout, given target_modules
     head = classifier_head(model)
     if head is not None:
         task_type = TaskType.SEQ_CLS
@@ -61,6 +63,5 @@ def apply_lora(model: nn.Module, *, r: int = 64, lora_alpha: float | None = None
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=float(lora_dropout), target_modules=targets, bias="none",
         task_type=task_type, modules_to_save=[head] if head else None,
-        # GPT-2's Conv1D stores its weight as (in, out).
-        fan_in_fan_out=getattr(getattr(model, "config", None), "model_type", None) == "gpt2")
+        fan_in_fan_out=family is not None and family.conv1d)  # GPT-2's Conv1D stores its weight as (in, out)
     return get_peft_model(model, config)
