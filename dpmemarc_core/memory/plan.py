@@ -27,6 +27,7 @@ import torch
 
 from dpmemarc_core.memory.cache import cache_root, cached
 from dpmemarc_core.memory.step import GIB, MemorySpec, step_memory
+from dpmemarc_core.privacy.settings import check_count
 
 PLAN_METHODS = ("full", "lora", "adapter", "bitfit", "side", "rev", "zo")
 # Among options equally fast (same micro-steps per logical batch), the method that learnt more in the
@@ -155,8 +156,7 @@ def plan(base: MemorySpec, budget_bytes: int, methods: Sequence[str] = PLAN_METH
     fit follow, smallest peak first. `workers` > 1 simulates methods in that many forked processes (each
     simulation is single-threaded Python).
     """
-    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes < 1:
-        raise ValueError(f"budget_bytes must be an integer >= 1, got {budget_bytes!r}")
+    check_count(budget_bytes, "budget_bytes", minimum=1)
     unknown = [m for m in methods if m not in PLAN_METHODS]
     if unknown or not methods:
         raise ValueError(f"method must be one or more of {', '.join(PLAN_METHODS)}, got {list(methods)!r}")

@@ -49,6 +49,7 @@ from dpmemarc_core.memory.tracker import ROLES, StorageTracker
 from dpmemarc_core.methods.families import ENCODER_MODEL_TYPES
 from dpmemarc_core.models import TASK_KINDS, build_from_config, published_config
 from dpmemarc_core.privacy import PrivacySettings
+from dpmemarc_core.privacy.settings import check_count, check_epsilon
 from dpmemarc_core.training.bk import PrivateTrainer
 from dpmemarc_core.training.config import ZO_PARAM_METHODS
 from dpmemarc_core.training.loop import StepStats
@@ -93,25 +94,19 @@ class MemorySpec:
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "seq_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            check_count(getattr(self, name), name, minimum=1)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.task_kind is not None and self.task_kind not in TASK_KINDS:
             raise ValueError(f"task_kind must be one of {', '.join(TASK_KINDS)} or None, got {self.task_kind!r}")
-        if isinstance(self.num_labels, bool) or not isinstance(self.num_labels, int) or self.num_labels < 2:
-            raise ValueError(f"num_labels must be an integer >= 2, got {self.num_labels!r}")
+        check_count(self.num_labels, "num_labels", minimum=2)
         if self.device is not None and self.device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
-        if isinstance(self.epsilon, bool) or not (isinstance(self.epsilon, (int, float)) and self.epsilon > 0):
-            raise ValueError(f"epsilon must be > 0 (inf: no noise), got {self.epsilon!r}")
-        if self.backward_passes is not None:
-            if self.backward_passes not in (1, 2) or isinstance(self.backward_passes, bool):
-                raise ValueError(f"backward_passes must be 1, 2 or None (the method's choice), "
-                                 f"got {self.backward_passes!r}")
+        check_epsilon(self.epsilon, "epsilon", allow_inf=True)  # inf: no noise
+        if self.backward_passes is not None:  # None: the method's choice
+            check_count(self.backward_passes, "backward_passes", minimum=1, maximum=2)
             if self.engine != "bk":
                 raise ValueError(f"backward_passes is a setting of engine 'bk', not of {self.engine!r}")
         if self.method == "zo":
@@ -354,16 +349,16 @@ def format_report(result: dict) -> str:
     size = {k.removesuffix("_bytes"): v / scale for k, v in result["breakdown"].items()}
     how = "simulated on meta" if result["simulated"] else f"measured on {result['device']}"
     lines = [
-        f"{result['model']} / {result['method']} / engine {result['engine']}: B={result['batch_size']} "
-        f"T={result['seq_len']} {result['precision']}, {how}",
+        (f"{result['model']} / {result['method']} / engine {result['engine']}: B={result['batch_size']} "
+         f"T={result['seq_len']} {result['precision']}, {how}"),
         f"  peak {result['peak_bytes'] / scale:.3f} {unit} (during {result['peak_phase']})",
         f"  weights (frozen)          {size['weights']:.3f} {unit}",
         f"  trainable params          {size['trainable_params']:.3f} {unit}",
         f"  grads                     {size['grads']:.3f} {unit}",
-        f"  optimizer state           {size['optimizer_state']:.3f} {unit} "
-        f"(+ {size['optimizer_temporaries']:.3f} temporaries)",
-        f"  activations (+ saved)     {size['activations'] + size['logits']:.3f} {unit} "
-        f"(of which vocabulary-wide logits {size['logits']:.3f})",
+        (f"  optimizer state           {size['optimizer_state']:.3f} {unit} "
+         f"(+ {size['optimizer_temporaries']:.3f} temporaries)"),
+        (f"  activations (+ saved)     {size['activations'] + size['logits']:.3f} {unit} "
+         f"(of which vocabulary-wide logits {size['logits']:.3f})"),
         f"  DP engine buffers         {size['engine_buffers']:.3f} {unit}",
     ]
     if result["note"]:

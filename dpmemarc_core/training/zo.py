@@ -25,8 +25,18 @@ import torch
 from dpmemarc_core.losses import per_example_loss
 from dpmemarc_core.privacy import PrivacyAccountant, PrivacySettings
 from dpmemarc_core.privacy.clip import clip_scalars
-from dpmemarc_core.privacy.settings import check_count, check_sample_rate
-from dpmemarc_core.training.loop import Collate, StepStats, private_randomness, run_steps
+from dpmemarc_core.privacy.settings import (
+    check_count,
+    check_noise_multiplier,
+    check_real,
+    check_sample_rate,
+)
+from dpmemarc_core.training.loop import (
+    Collate,
+    StepStats,
+    private_randomness,
+    run_steps,
+)
 from dpmemarc_core.training.precision import prepare_model
 from dpmemarc_core.training.zo_directions import (
     SEED_BOUND,
@@ -44,14 +54,6 @@ DEFAULT_PERTURBATION_SCALE = 1e-3
 DEFAULT_LR = 1e-5
 # Salt of the stream of published direction seeds (derived from the public seed; batches and noise are not).
 _DIRECTION_STREAM = 0x7A6F
-
-
-def _finite_number(value: object, name: str, allow_zero: bool = False) -> float:
-    bound = ">= 0" if allow_zero else "> 0"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
-    return float(value)
 
 
 class ZOTrainer:
@@ -90,9 +92,9 @@ class ZOTrainer:
         self.collate = collate
         self.privacy = privacy
         self.sample_rate = check_sample_rate(sample_rate)
-        self.noise_multiplier = _finite_number(noise_multiplier, "noise_multiplier", allow_zero=True)
-        self.lr = _finite_number(lr, "lr", allow_zero=True)
-        self.perturbation_scale = _finite_number(perturbation_scale, "perturbation_scale")
+        self.noise_multiplier = check_noise_multiplier(noise_multiplier)
+        self.lr = check_real(lr, "lr", 0, math.inf, "[)")
+        self.perturbation_scale = check_real(perturbation_scale, "perturbation_scale", 0, math.inf, "()")
         self.accountant = accountant if accountant is not None else PrivacyAccountant(privacy.accountant)
         self.physical_batch_size = (None if physical_batch_size is None
                                     else check_count(physical_batch_size, "physical_batch_size", minimum=1))

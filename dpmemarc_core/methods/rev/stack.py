@@ -38,6 +38,7 @@ from dpmemarc_core.methods.rev.f_modules import (
     check_f_module,
     install_f_module,
 )
+from dpmemarc_core.privacy.settings import check_count, check_real
 
 # Arguments a rotary block (Llama) receives and passes to its attention; a call dict holds only those of the
 # installed block's own signature, so GPT-2's and BERT's never see them.
@@ -69,20 +70,6 @@ def sublayers(layout: FamilyLayout) -> tuple[Sublayer, Sublayer]:
         return y + block.get_submodule(layout.mlp)(block.get_submodule(layout.mlp_norm)(y))
 
     return pre_norm_attention, pre_norm_mlp
-
-
-def _check_factor(name: str, value: object) -> float:
-    # Nothing divides by λ or β (the backward replays, it does not invert): 0 is allowed. Above 1 a stream
-    # would grow geometrically with depth; no use for that was found, so it is refused.
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-        raise ValueError(f"rev: {name} must be a number in [0, 1], got {value!r}")
-    return float(value)
-
-
-def _check_size(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"rev: {name} must be an integer >= 1, got {value!r}")
-    return value
 
 
 def apply_rev(model: nn.Module, r: int = 64, *, lora_alpha: float | None = None, adapter_size: int | None = None,
@@ -118,18 +105,19 @@ def apply_rev(model: nn.Module, r: int = 64, *, lora_alpha: float | None = None,
     is then `<backbone>.<list>.0.blocks.i`); generation with a KV cache works through it, hidden
     states per block are not reported. Use `BKEngine(model, backward_passes=model.recommended_backward_passes)`.
     """
-    r = _check_size("r", r)
+    r = check_count(r, "rev: r", minimum=1)
     f_module = check_f_module(f_module)
     if lora_alpha is not None and f_module not in LORA_MODULES:
         raise ValueError(f"rev: lora_alpha applies to f_module {' or '.join(map(repr, LORA_MODULES))} only, "
                          f"not {f_module!r}")
-    adapter_size = _check_size("adapter_size", r if adapter_size is None else adapter_size)
+    adapter_size = check_count(r if adapter_size is None else adapter_size, "rev: adapter_size", minimum=1)
     alpha = r if lora_alpha is None else lora_alpha
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
-        raise ValueError(f"rev: lora_alpha must be a finite number > 0, got {lora_alpha!r}")
-    lam, beta = _check_factor("x1_factor", x1_factor), _check_factor("x2_factor", x2_factor)
+    check_real(alpha, "rev: lora_alpha", 0, math.inf, "()")  # checked, passed on as given (int or float)
+    # Nothing divides by λ or β (the backward replays, it does not invert): 0 is allowed. Above 1 a stream
+    # would grow geometrically with depth; no use for that was found, so it is refused.
+    lam, beta = check_real(x1_factor, "rev: x1_factor", 0, 1), check_real(x2_factor, "rev: x2_factor", 0, 1)
     if segment_size is not None:
-        _check_size("segment_size", segment_size)
+        check_count(segment_size, "rev: segment_size", minimum=1)
     layout = layout_of(model, "rev")
     if getattr(model.config, "add_cross_attention", False):
         raise ValueError("rev: models with cross-attention (config.add_cross_attention=True) are not supported")
