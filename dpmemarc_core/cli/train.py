@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import math
 
-from dpmemarc_core.cli.common import delta_arg, epsilon_arg, memory_arg, method_options_arg, physical_batch_size_arg
+from dpmemarc_core.cli.common import (
+    delta_arg,
+    epsilon_arg,
+    memory_arg,
+    method_options_arg,
+    physical_batch_size_arg,
+)
 from dpmemarc_core.single_site import train
 from dpmemarc_core.training.config import TrainConfig
 from dpmemarc_core.training.precision import PRECISIONS
@@ -18,7 +24,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     d = TrainConfig()
     p.add_argument("--preset", default="quick", choices=PRESETS,
                    help="starting point for every setting below left unset: 'quick' learns in a few CPU minutes "
-                        "(B=128, 3 epochs of 2000 examples, T=48, lr 5e-3, LoRA r=1), 'paper' is the paper's "
+                        "(B=128, one epoch of all examples, T=48, lr 5e-3, LoRA r=1, head lr 2e-2), 'paper' is the "
+                        "paper's "
                         "(B=32, T=128, lr 5e-4, r=64, one epoch of all examples); see dpmemarc_core/training/presets.py")
     p.add_argument("--model", default=d.model, help="HF name or path, or an offline alias: minilm, smollm2-135m")
     p.add_argument("--task", default=d.task, help="task name (see dpmemarc_core.data.TASKS)")

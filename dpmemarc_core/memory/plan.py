@@ -31,8 +31,7 @@ from dpmemarc_core.privacy.settings import check_count
 
 PLAN_METHODS = ("full", "lora", "adapter", "bitfit", "side", "rev", "zo")
 # Among options equally fast (same micro-steps per logical batch), the method that learnt more in the
-# quickstart runs at ε = 8 (BENCHMARKS.md, "Quickstart recipe": adapter 66 %, LoRA 60-65, rev 58-65,
-# side 59-60, full 57, BiTFiT 56, DPZero 50.6) comes first.
+# quickstart runs at ε = 8 comes first (the accuracies: BENCHMARKS.md, "Quickstart recipe").
 METHOD_PREFERENCE = ("adapter", "lora", "rev", "side", "full", "bitfit", "zo")
 SIMULATION_LOW_BY = 0.15  # the simulator reads 5-15 % low; plan for the worst reading
 # Bytes that do not grow with the micro-batch, by the breakdown's roles (for the first prediction only).

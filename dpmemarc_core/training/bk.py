@@ -14,7 +14,13 @@ from dpmemarc_core.losses import model_per_example_loss
 from dpmemarc_core.privacy import BKEngine, PrivacyAccountant, PrivacySettings
 from dpmemarc_core.privacy.noise import privatize_gradients
 from dpmemarc_core.privacy.settings import check_sample_rate
-from dpmemarc_core.training.loop import Collate, StepStats, private_randomness, run_steps
+from dpmemarc_core.training.config import BK_DEFAULT_LR
+from dpmemarc_core.training.loop import (
+    Collate,
+    StepStats,
+    private_randomness,
+    run_steps,
+)
 from dpmemarc_core.training.precision import LossScaler, prepare_model
 
 
@@ -36,7 +42,7 @@ class PrivateTrainer:
     """
 
     def __init__(self, model: torch.nn.Module, examples: Sequence[dict], collate: Collate,
-                 privacy: PrivacySettings, sample_rate: float, noise_multiplier: float, lr: float = 5e-4,
+                 privacy: PrivacySettings, sample_rate: float, noise_multiplier: float, lr: float = BK_DEFAULT_LR,
                  accountant: PrivacyAccountant | None = None, physical_batch_size: int | None = None,
                  device: torch.device | str | None = None, *, sampling_seed: int | None = None,
                  noise_seed: int | None = None, precision: str = "fp32", head_lr: float | None = None) -> None:
