@@ -10,7 +10,7 @@ import json
 import math
 
 from dpmemarc_core.audit import AuditResult, run_audit, tokenizer_canaries
-from dpmemarc_core.cli.common import epsilon_arg
+from dpmemarc_core.cli.common import epsilon_arg, method_option_arg
 from dpmemarc_core.privacy.settings import PrivacySettings
 from dpmemarc_core.training.config import BK_DEFAULT_LR, ZO_PARAM_METHODS, TrainConfig
 from dpmemarc_core.training.zo import DEFAULT_LR as ZO_DEFAULT_LR
@@ -55,7 +55,7 @@ def add_audit_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-train", type=int, default=500, help="real training examples the canaries join (0 = all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--method-option", type=method_option_arg, action="append", default=[], metavar="KEY=VALUE",
                    help="method option, e.g. r=16 (repeatable)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--progress", action="store_true", help="show a progress bar")
@@ -65,7 +65,6 @@ def add_audit_parser(subparsers: argparse._SubParsersAction) -> None:
 def audit_from_args(args: argparse.Namespace) -> AuditResult:
     """Build the run as `dpmemarc train` does (`build_run`), load the offline task, build canaries from tokens
     the task never uses, and audit."""
-    from dpmemarc_core.cli.common import method_options_arg
     from dpmemarc_core.data import load_task, num_labels_of, task_kind_of
     from dpmemarc_core.training.build import build_run
 
@@ -73,7 +72,7 @@ def audit_from_args(args: argparse.Namespace) -> AuditResult:
                               accountant=args.accountant)
     kind = task_kind_of(args.task)
     run = build_run(args.model, kind, args.method, num_labels=num_labels_of(args.task),
-                    method_options=method_options_arg(args.method_option), zo_params=args.zo_params,
+                    method_options=dict(args.method_option), zo_params=args.zo_params,
                     device=args.device, seed=args.seed)
     task = load_task(args.task, run.tokenizer, max_length=args.max_length, max_train=args.max_train or None,
                      max_eval=1, seed=args.seed)

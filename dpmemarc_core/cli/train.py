@@ -9,7 +9,7 @@ from dpmemarc_core.cli.common import (
     delta_arg,
     epsilon_arg,
     memory_arg,
-    method_options_arg,
+    method_option_arg,
     physical_batch_size_arg,
 )
 from dpmemarc_core.single_site import train
@@ -69,7 +69,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                         "hyper-parameter sweeps)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--method-option", type=method_option_arg, action="append", default=[], metavar="KEY=VALUE",
                    help="method option, e.g. r=16 or reduction=8 (repeatable; merged over the preset's)")
     p.add_argument("--output", default="runs/quickstart", help="directory for summary.json and the trainable state")
     p.add_argument("--no-progress", action="store_true")
@@ -96,7 +96,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         max_grad_norm=args.max_grad_norm,
         clipping_mode=args.clipping_mode, clip_fn=args.clip_fn, accountant=args.accountant, seed=args.seed,
         validation=args.validation,
-        device=args.device, output=args.output, method_options=method_options_arg(args.method_option),
+        device=args.device, output=args.output, method_options=dict(args.method_option),
         zo_params=args.zo_params, progress=not args.no_progress, **given)
 
 
