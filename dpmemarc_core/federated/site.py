@@ -156,8 +156,6 @@ def site_physical_batch_size(cfg: FederatedConfig, model: nn.Module, precision: 
     from dpmemarc_core.memory.step import MemorySpec
 
     budget = memory_budget(cfg.memory, device)
-    if not cfg.memory and device.type == "cuda":
-        budget += torch.cuda.memory_allocated(device)
     spec = MemorySpec(model=config_file(model.config), method=cfg.method, batch_size=cfg.batch_size,
                       seq_len=cfg.max_length, precision=precision, device="meta",
                       epsilon=cfg.target_epsilon, clipping_mode=cfg.clipping_mode, method_options=cfg.method_kwargs(),

@@ -186,13 +186,13 @@ def config_file(config) -> str:
 
 
 def memory_budget(memory: str | None, device: torch.device) -> int:
-    """The budget of `physical batch size auto`: `memory` when given (e.g. "8GiB"), else on a CUDA device
-    its free memory now (call it before the model is moved there)."""
+    """The budget of `physical batch size auto`: `memory` when given (e.g. "8GiB"), else on a CUDA device its
+    free memory plus what this process already holds there (the model, which the simulated step counts too)."""
     if memory:
         return parse_memory_size(memory, "memory")
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+        return int(free) + torch.cuda.memory_allocated(device)
     raise ValueError(f"physical batch size 'auto' needs a memory budget on device {device.type!r} (no CUDA to ask): "
                      "give one with --memory (run config: memory), e.g. 8GiB")
 
