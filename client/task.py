@@ -15,17 +15,18 @@ from dataclasses import astuple, dataclass
 from dpmemarc_core.data import Task
 from dpmemarc_core.federated.config import FederatedConfig
 from dpmemarc_core.federated.data import file_task, partition_task, pooled_task
-from dpmemarc_core.federated.site import RunModel, SitePlan, build_run_model, plan_site
+from dpmemarc_core.federated.site import SitePlan, build_run_model, plan_site
+from dpmemarc_core.training.build import Run
 
 
 @dataclass
 class Site:
-    run: RunModel
+    run: Run
     task: Task
     plan: SitePlan
 
 
-_RUN_MODELS: dict[tuple, RunModel] = {}
+_RUN_MODELS: dict[tuple, Run] = {}
 _POOLED: dict[tuple, Task] = {}
 _SITES: dict[tuple, Site] = {}
 

@@ -35,7 +35,7 @@ from dpmemarc_core.losses import per_example_loss
 from dpmemarc_core.privacy.accountant import noise_multiplier_for
 from dpmemarc_core.privacy.audit_bound import epsilon_lower_bound
 from dpmemarc_core.privacy.settings import PrivacySettings, check_count, check_delta
-from dpmemarc_core.training.bk import PrivateTrainer
+from dpmemarc_core.training.build import make_trainer
 from dpmemarc_core.training.config import sample_rate_for
 from dpmemarc_core.training.loop import Collate
 
@@ -174,19 +174,19 @@ class AuditResult:
 
 
 def run_audit(model: torch.nn.Module, examples: Sequence[dict], collate: Collate, canaries: Sequence[dict],
-              privacy: PrivacySettings, *, steps: int, batch_size: int, lr: float = 5e-4,
-              guesses_per_side: int | None = None, beta: float = 0.05, seed: int = 0,
+              privacy: PrivacySettings, *, steps: int, batch_size: int, method: str = "full",
+              lr: float | None = None, guesses_per_side: int | None = None, beta: float = 0.05, seed: int = 0,
               physical_batch_size: int | None = None, device: torch.device | str | None = None,
-              trainer_class: Callable[..., PrivateTrainer] = PrivateTrainer, noise_seed: int | None = None,
-              progress: bool = False) -> AuditResult:
+              precision: str = "fp32", noise_seed: int | None = None, progress: bool = False) -> AuditResult:
     """Train `model` once on `examples` plus a random half of `canaries`, and audit the run.
 
     `privacy.delta` must be set (e.g. 1e-5): the bound pays 2·m·δ, which the default δ = 1/N of training
     makes about 1. The noise is calibrated as in `train`: q = batch_size / N, σ for `privacy.target_epsilon` at
     that δ after `steps` steps. `guesses_per_side` (k, default m // 10) is fixed before training: choosing it after
-    seeing the scores would void the confidence. `trainer_class` is `PrivateTrainer` or a class with its
-    constructor and `run`/`accountant` (e.g. `zo.ZOTrainer`). `noise_seed` makes the noise repeatable (tests);
-    leave it None to audit the noise a real run draws (OS entropy).
+    seeing the scores would void the confidence. The trainer is `dpmemarc train`'s (`make_trainer`): DPZero for
+    `method` "zo", BK DP-Adam for the others, at `lr` (None: the method's default) and `precision` (the
+    model's set-up, `training.precision`). `noise_seed` makes the noise repeatable (tests); leave it None to
+    audit the noise a real run draws (OS entropy).
     """
     if not isinstance(privacy.delta, float):
         raise ValueError("privacy.delta must be a number for an audit (e.g. 1e-5): the bound adds 2 * canaries * delta")
@@ -202,8 +202,9 @@ def run_audit(model: torch.nn.Module, examples: Sequence[dict], collate: Collate
     sigma = noise_multiplier_for(target_epsilon=privacy.target_epsilon, delta=delta, sample_rate=q,
                                  steps=check_count(steps, "steps", minimum=1), accountant=privacy.accountant)
     before = canary_losses(model, canaries, collate, device=device)
-    trainer = trainer_class(model, train_set, collate, privacy, q, sigma, lr=lr,
-                            physical_batch_size=physical_batch_size, device=device, noise_seed=noise_seed)
+    trainer = make_trainer(method, model, train_set, collate, privacy, q, sigma, lr=lr,
+                           physical_batch_size=physical_batch_size, device=device, noise_seed=noise_seed,
+                           precision=precision)
     trainer.run(steps, progress=progress, description="audit")
     after = canary_losses(model, canaries, collate, device=device)
     correct = count_correct_guesses(membership_scores(before, after, canaries), included, k)

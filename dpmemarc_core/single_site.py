@@ -12,15 +12,14 @@ import torch
 from safetensors.torch import save_file
 
 from dpmemarc_core.privacy import PrivacySettings, noise_multiplier_for
-from dpmemarc_core.training.build import make_trainer, resolve_device
+from dpmemarc_core.training.build import build_run, make_trainer
 from dpmemarc_core.training.config import (
-    ZO_PARAM_METHODS,
     TrainConfig,
     check_physical_batch_size,
     planned_steps,
     sample_rate_for,
 )
-from dpmemarc_core.training.precision import autocast_context, frozen_dtype, prepare_model, resolve_precision
+from dpmemarc_core.training.precision import autocast_context
 
 
 def evaluate(model: torch.nn.Module, task, tokenizer, batch_size: int) -> dict:
@@ -35,7 +34,12 @@ def choose_physical_batch_size(cfg: TrainConfig, config, kind: str, device: torc
     """`physical_batch_size = "auto"`: the largest micro-batch whose simulated step (this run's model config,
     method, precision, expected batch and max length) fits the budget (`memory.plan.memory_budget`)."""
     from dpmemarc_core.data import num_labels_of
-    from dpmemarc_core.memory.plan import auto_physical_batch_size, config_file, format_bytes, memory_budget
+    from dpmemarc_core.memory.plan import (
+        auto_physical_batch_size,
+        config_file,
+        format_bytes,
+        memory_budget,
+    )
     from dpmemarc_core.memory.step import MemorySpec
 
     budget = memory_budget(cfg.memory, device)
@@ -55,35 +59,24 @@ def train(cfg: TrainConfig) -> dict:
     """One private fine-tuning run: evaluate, train, evaluate, write summary.json, the trainable state and the
     export folder ``final/`` (see `dpmemarc_core.methods.save_pretrained`)."""
     from dpmemarc_core.data import load_task, num_labels_of, task_kind_of
-    from dpmemarc_core.methods import METHODS, ModelSpec, apply, save_pretrained, trainable_state_dict
-    from dpmemarc_core.models import load_backbone
+    from dpmemarc_core.methods import save_pretrained, trainable_state_dict
     from dpmemarc_core.training.export import FINAL_DIR, single_site_privacy
 
-    if cfg.method not in (*METHODS, "zo"):
-        raise ValueError(f"unknown method {cfg.method!r}; accepted: {', '.join((*METHODS, 'zo'))}")
-    if cfg.method == "zo" and cfg.zo_params not in ZO_PARAM_METHODS:
-        raise ValueError(f"zo_params must be one of {ZO_PARAM_METHODS}, got {cfg.zo_params!r}")
     privacy = PrivacySettings(target_epsilon=cfg.epsilon, delta=cfg.delta, max_grad_norm=cfg.max_grad_norm,
                               clipping_mode=cfg.clipping_mode, clip_fn=cfg.clip_fn, accountant=cfg.accountant,
                               secure_mode=cfg.secure_mode)
-    torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    # summary.json records the precision and micro-batch that ran, not "default" or "auto".
-    cfg = replace(cfg, precision=resolve_precision(cfg.precision, device))
     check_physical_batch_size(cfg.physical_batch_size)
     kind = task_kind_of(cfg.task)
-    backbone, tokenizer = load_backbone(cfg.model, kind, num_labels=max(num_labels_of(cfg.task), 2),
-                                        dtype=frozen_dtype(cfg.precision))
+    run = build_run(cfg.model, kind, cfg.method, num_labels=num_labels_of(cfg.task),
+                    method_options=cfg.method_options, zo_params=cfg.zo_params, precision=cfg.precision,
+                    device=cfg.device, seed=cfg.seed)
+    model, tokenizer, device, spec = run.model, run.tokenizer, run.device, run.spec
+    # summary.json records the precision and micro-batch that ran, not "default" or "auto".
+    cfg = replace(cfg, precision=run.precision)
     task = load_task(cfg.task, tokenizer, max_length=cfg.max_length, max_train=cfg.max_train,
                      max_eval=cfg.max_eval, seed=cfg.seed, validation=cfg.validation)
-    # DPZero (zo) trains, forward-only, another method's trainable part: the export is that method's.
-    spec = ModelSpec(base_model=cfg.model, task_kind=kind, method=cfg.zo_params if cfg.method == "zo" else cfg.method,
-                     num_labels=num_labels_of(cfg.task), method_options=cfg.method_options,
-                     pad_token_id=backbone.config.pad_token_id)
     if cfg.physical_batch_size == "auto":
-        cfg = replace(cfg, physical_batch_size=choose_physical_batch_size(cfg, backbone.config, kind, device))
-    model = apply(backbone, spec.method, **cfg.method_options).to(device)
-    prepare_model(model, cfg.precision, device, master_copies=cfg.method != "zo")
+        cfg = replace(cfg, physical_batch_size=choose_physical_batch_size(cfg, model.config, kind, device))
     n = len(task.train)
     delta = privacy.resolved_delta(n)
     q = sample_rate_for(cfg.batch_size, n)
@@ -97,9 +90,8 @@ def train(cfg: TrainConfig) -> dict:
     with autocast_context(cfg.precision, device.type):
         before = evaluate(model, task, tokenizer, eval_batch)
     print(f"before training: {json.dumps(before)}", flush=True)
-    head = {} if cfg.method == "zo" else {"head_lr": cfg.head_lr}  # DPZero steps all coordinates alike
-    trainer = make_trainer(cfg.method, model, task.train, task.collate, privacy, q, sigma, lr=cfg.lr, **head,
-                           physical_batch_size=cfg.physical_batch_size, device=device,
+    trainer = make_trainer(cfg.method, model, task.train, task.collate, privacy, q, sigma, lr=cfg.lr,
+                           head_lr=cfg.head_lr, physical_batch_size=cfg.physical_batch_size, device=device,
                            sampling_seed=cfg.sampling_seed, noise_seed=cfg.noise_seed, precision=cfg.precision)
     start = time.perf_counter()
     train_stats = trainer.run(steps, progress=cfg.progress)

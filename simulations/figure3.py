@@ -37,43 +37,40 @@ EPSILON = 8.0
 
 def curve_cell(config: dict, task_name: str, method: str) -> dict:
     """Train one method for max_steps, evaluating at step 0 and every eval_every steps."""
-    import torch
-
     from dpmemarc_core.data import load_task, task_kind_of
-    from dpmemarc_core.methods import apply
     from dpmemarc_core.metrics import evaluate_generation
-    from dpmemarc_core.models import load_backbone
     from dpmemarc_core.privacy import PrivacySettings, noise_multiplier_for
-    from dpmemarc_core.training.bk import PrivateTrainer
-    from dpmemarc_core.training.build import resolve_device
+    from dpmemarc_core.training.build import build_run, make_trainer
     from dpmemarc_core.training.config import sample_rate_for
+    from dpmemarc_core.training.precision import autocast_context
+
     cfg = train_config(config, task_name, method, EPSILON)
     steps, every = config["max_steps"], config["eval_every"]
     if not (isinstance(every, int) and 1 <= every <= steps):
         raise ValueError(f"eval_every must be an integer in [1, max_steps={steps}], got {every!r}")
+    if task_kind_of(task_name) != "generation":
+        raise ValueError(f"figure3 needs a generation task, got {task_name!r} ({task_kind_of(task_name)})")
     privacy = PrivacySettings(target_epsilon=cfg.epsilon, delta=cfg.delta, max_grad_norm=cfg.max_grad_norm)
-    torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    backbone, tokenizer = load_backbone(cfg.model, task_kind_of(task_name))
+    run = build_run(cfg.model, "generation", method, method_options=cfg.method_options, zo_params=cfg.zo_params,
+                    precision=cfg.precision, device=cfg.device, seed=cfg.seed)
+    model, tokenizer = run.model, run.tokenizer
     task = load_task(task_name, tokenizer, max_length=cfg.max_length, max_train=cfg.max_train,
                      max_eval=cfg.max_eval, seed=cfg.seed)
-    if task.kind != "generation":
-        raise ValueError(f"figure3 needs a generation task, got {task_name!r} ({task.kind})")
-    model = apply(backbone, method, **cfg.method_options).to(device)
     n = len(task.train)
     delta = privacy.resolved_delta(n)
     q = sample_rate_for(cfg.batch_size, n)
     sigma = noise_multiplier_for(target_epsilon=privacy.target_epsilon, delta=delta, sample_rate=q, steps=steps,
                                  accountant=privacy.accountant)
-    trainer = PrivateTrainer(model, task.train, task.collate, privacy, q, sigma, lr=cfg.lr,
-                             physical_batch_size=cfg.physical_batch_size, device=device)
+    trainer = make_trainer(method, model, task.train, task.collate, privacy, q, sigma, lr=cfg.lr,
+                           physical_batch_size=cfg.physical_batch_size, device=run.device, precision=run.precision)
     curve = []
     start = time.perf_counter()
 
     def checkpoint(step: int) -> None:
         if step % every and step != steps:
             return
-        metrics = evaluate_generation(model, tokenizer, task)
+        with autocast_context(run.precision, run.device.type):
+            metrics = evaluate_generation(model, tokenizer, task)
         curve.append({"step": step, **metrics, "elapsed_seconds": time.perf_counter() - start})
         print(f"  {method} step {step}/{steps}: BLEU {metrics['bleu']:.2f} ROUGE-L {metrics['rouge_l']:.2f} "
               f"PPL {metrics['perplexity']:.2f}", flush=True)

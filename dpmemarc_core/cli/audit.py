@@ -1,6 +1,6 @@
 """`dpmemarc audit`: a one-run privacy audit of the real training loop on offline data.
 
-Registered by `add_audit_parser(subparsers)`; the work is `privacy.audit.run_audit`.
+Registered by `add_audit_parser(subparsers)`; the work is `dpmemarc_core.audit.run_audit`.
 """
 
 from __future__ import annotations
@@ -10,8 +10,10 @@ import json
 import math
 
 from dpmemarc_core.audit import AuditResult, run_audit, tokenizer_canaries
-from dpmemarc_core.cli.common import epsilon_arg
+from dpmemarc_core.cli.common import epsilon_arg, method_option_arg
 from dpmemarc_core.privacy.settings import PrivacySettings
+from dpmemarc_core.training.config import BK_DEFAULT_LR, ZO_PARAM_METHODS, TrainConfig
+from dpmemarc_core.training.zo import DEFAULT_LR as ZO_DEFAULT_LR
 
 # The bound pays 2·m·δ: with a δ of order 1/N and m canaries among N examples that term is about 1,
 # which costs a good part of the bound (the paper audits at δ = 1e-5).
@@ -29,7 +31,9 @@ def add_audit_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="minilm", help="HF name or path, or an offline alias: minilm, smollm2-135m")
     p.add_argument("--task", default="movie-sentiment", help="task name (see dpmemarc_core.data.TASKS)")
     p.add_argument("--method", default="lora",
-                   help="full, lora, adapter, bitfit, side, rev (BK DP-Adam), or zo (DPZero on all parameters)")
+                   help="full, lora, adapter, bitfit, side, rev (BK DP-Adam), or zo (DPZero on --zo-params' part)")
+    p.add_argument("--zo-params", default=TrainConfig.zo_params, choices=list(ZO_PARAM_METHODS),
+                   help="with --method zo: which parameters DPZero perturbs")
     p.add_argument("--epsilon", type=epsilon_arg, default=8.0, help="privacy budget; inf = non-private")
     p.add_argument("--delta", type=float, default=DEFAULT_DELTA,
                    help="delta of both the accountant and the audit (the bound adds 2 * canaries * delta)")
@@ -42,14 +46,16 @@ def add_audit_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=32, help="expected (Poisson) batch size")
     p.add_argument("--physical-batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None, help="default 5e-4 (DP-Adam) or zo.DEFAULT_LR (zo)")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"default: the method's, as in dpmemarc_core.training.build.make_trainer ({BK_DEFAULT_LR:g} "
+                        f"DP-Adam, {ZO_DEFAULT_LR:g} DPZero)")
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--accountant", default="rdp", choices=["rdp", "prv"])
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--max-train", type=int, default=500, help="real training examples the canaries join (0 = all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--method-option", type=method_option_arg, action="append", default=[], metavar="KEY=VALUE",
                    help="method option, e.g. r=16 (repeatable)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--progress", action="store_true", help="show a progress bar")
@@ -57,36 +63,25 @@ def add_audit_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def audit_from_args(args: argparse.Namespace) -> AuditResult:
-    """Load the backbone and the offline task, build canaries from tokens the task never uses, and audit."""
-    import torch
-
-    from dpmemarc_core.cli.common import method_options_arg
+    """Build the run as `dpmemarc train` does (`build_run`), load the offline task, build canaries from tokens
+    the task never uses, and audit."""
     from dpmemarc_core.data import load_task, num_labels_of, task_kind_of
-    from dpmemarc_core.methods import apply
-    from dpmemarc_core.models import load_backbone
-    from dpmemarc_core.training.bk import PrivateTrainer
-    from dpmemarc_core.training.build import resolve_device
+    from dpmemarc_core.training.build import build_run
+
     privacy = PrivacySettings(target_epsilon=args.epsilon, delta=args.delta, max_grad_norm=args.max_grad_norm,
                               accountant=args.accountant)
-    torch.manual_seed(args.seed)
-    device = resolve_device(args.device)
     kind = task_kind_of(args.task)
-    backbone, tokenizer = load_backbone(args.model, kind, num_labels=max(num_labels_of(args.task), 2))
-    task = load_task(args.task, tokenizer, max_length=args.max_length, max_train=args.max_train or None,
+    run = build_run(args.model, kind, args.method, num_labels=num_labels_of(args.task),
+                    method_options=dict(args.method_option), zo_params=args.zo_params,
+                    device=args.device, seed=args.seed)
+    task = load_task(args.task, run.tokenizer, max_length=args.max_length, max_train=args.max_train or None,
                      max_eval=1, seed=args.seed)
-    canaries = tokenizer_canaries(tokenizer, args.canaries, args.canary_length, max(task.num_labels, 2), task.train,
-                                  seed=args.seed, generation=kind == "generation")
-    options = method_options_arg(args.method_option)
-    if args.method == "zo":
-        from dpmemarc_core.training.zo import DEFAULT_LR, ZOTrainer
-
-        model, trainer_class, lr = apply(backbone, "full", **options), ZOTrainer, args.lr or DEFAULT_LR
-    else:
-        model, trainer_class, lr = apply(backbone, args.method, **options), PrivateTrainer, args.lr or 5e-4
-    return run_audit(model.to(device), task.train, task.collate, canaries, privacy, steps=args.steps,
-                     batch_size=args.batch_size, lr=lr, guesses_per_side=args.guesses, beta=args.beta,
-                     seed=args.seed, physical_batch_size=args.physical_batch_size, device=device,
-                     trainer_class=trainer_class, progress=args.progress)
+    canaries = tokenizer_canaries(run.tokenizer, args.canaries, args.canary_length, max(task.num_labels, 2),
+                                  task.train, seed=args.seed, generation=kind == "generation")
+    return run_audit(run.model, task.train, task.collate, canaries, privacy, steps=args.steps,
+                     batch_size=args.batch_size, method=args.method, lr=args.lr, guesses_per_side=args.guesses,
+                     beta=args.beta, seed=args.seed, physical_batch_size=args.physical_batch_size, device=run.device,
+                     precision=run.precision, progress=args.progress)
 
 
 def _format_epsilon(value: float) -> str:

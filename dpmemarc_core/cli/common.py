@@ -69,15 +69,34 @@ def memory_arg(text: str) -> str:
     return text
 
 
-def method_options_arg(pairs: list[str]) -> dict:
-    """`--method-option KEY=VALUE` pairs (repeatable) as keyword arguments; VALUE is JSON where it parses."""
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise argparse.ArgumentTypeError(f"--method-option takes KEY=VALUE, got {pair!r}")
-        try:
-            options[key.replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key.replace("-", "_")] = value
-    return options
+def method_option_arg(text: str) -> tuple[str, object]:
+    """One `--method-option KEY=VALUE` (repeatable; `dict()` of them is the keyword arguments): VALUE is JSON
+    where it parses, else the text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--method-option takes KEY=VALUE, got {text!r}")
+    try:
+        return key.replace("-", "_"), json.loads(value)
+    except json.JSONDecodeError:
+        return key.replace("-", "_"), value
+
+
+def add_step_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags that say which simulated training step (`memory.step.MemorySpec`) `dpmemarc memory` and
+    `dpmemarc plan` look at: model, expected batch, sequence length, precision, ε and DPZero's parameters."""
+    from dpmemarc_core.memory.step import PRECISIONS, MemorySpec
+    from dpmemarc_core.training.config import ZO_PARAM_METHODS
+
+    d = MemorySpec(model="", method="")
+    p.add_argument("--model", required=True,
+                   help="a shipped published config (dpmemarc_core.models.PUBLISHED_CONFIGS) or a path to config.json")
+    p.add_argument("--batch-size", type=positive_int("--batch-size"), default=d.batch_size,
+                   help="the logical (expected Poisson) batch size")
+    p.add_argument("--seq-len", type=positive_int("--seq-len"), default=d.seq_len)
+    p.add_argument("--precision", choices=list(PRECISIONS), default=d.precision,
+                   help="bf16/fp16: frozen weights in that dtype, trainable ones fp32, autocast forward; "
+                        "amp-bf16: all weights fp32, autocast bf16; fp32: no autocast")
+    p.add_argument("--epsilon", type=epsilon_arg, default=d.epsilon,
+                   help="finite: noise is drawn (its scale moves no byte); inf: no noise, a non-private step")
+    p.add_argument("--zo-params", choices=list(ZO_PARAM_METHODS), default=d.zo_params,
+                   help="method zo: whose trainable part DPZero perturbs")

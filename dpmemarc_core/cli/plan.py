@@ -6,10 +6,15 @@ import argparse
 import json
 import os
 
-from dpmemarc_core.cli.common import epsilon_arg, positive_int
-from dpmemarc_core.memory.plan import PLAN_METHODS, SIMULATION_LOW_BY, PlanOption, parse_memory_size, plan
-from dpmemarc_core.memory.step import PRECISIONS, MemorySpec
-from dpmemarc_core.training.config import ZO_PARAM_METHODS
+from dpmemarc_core.cli.common import add_step_arguments, positive_int
+from dpmemarc_core.memory.plan import (
+    PLAN_METHODS,
+    SIMULATION_LOW_BY,
+    PlanOption,
+    parse_memory_size,
+    plan,
+)
+from dpmemarc_core.memory.step import MemorySpec
 
 GIB = 1024 ** 3
 
@@ -32,7 +37,6 @@ def _methods_arg(text: str) -> list[str]:
 
 def add_plan_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `plan` on the `dpmemarc` command's subparsers."""
-    d = MemorySpec(model="", method="")
     p = subparsers.add_parser(
         "plan", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="which method and micro-batch fit a memory budget (simulated, no GPU needed)",
@@ -41,18 +45,10 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> None:
                     "budget; the micro-steps per logical batch and the simulated peak. The logical (expected "
                     "Poisson) batch, the noise and the privacy accounting do not depend on the micro-batch. "
                     "Best choice first. Simulations are cached in $DPMEMARC_CACHE/memory.")
-    p.add_argument("--model", required=True,
-                   help="a shipped published config (dpmemarc_core.models.PUBLISHED_CONFIGS) or a path to config.json")
+    add_step_arguments(p)
     p.add_argument("--memory", required=True, type=_memory_arg, help="the GPU's memory, e.g. 8GiB, 24GB, 16000MiB")
     p.add_argument("--method", type=_methods_arg, default=list(PLAN_METHODS),
                    help="one method or a comma-separated list")
-    p.add_argument("--batch-size", type=positive_int("--batch-size"), default=d.batch_size,
-                   help="the logical (expected Poisson) batch size")
-    p.add_argument("--seq-len", type=positive_int("--seq-len"), default=d.seq_len)
-    p.add_argument("--precision", choices=list(PRECISIONS), default=d.precision)
-    p.add_argument("--epsilon", type=epsilon_arg, default=d.epsilon, help="inf: a non-private step")
-    p.add_argument("--zo-params", choices=list(ZO_PARAM_METHODS), default=d.zo_params,
-                   help="method zo: whose trainable part DPZero perturbs")
     p.add_argument("--workers", type=positive_int("--workers"), default=min(os.cpu_count() or 1, 4),
                    help="processes simulating methods side by side")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -74,9 +70,9 @@ def run_plan(args: argparse.Namespace) -> int:
 
 def format_plan(base: MemorySpec, budget_bytes: int, options: list[PlanOption]) -> str:
     """The options as a table, then the recommendation or, when nothing fits, the smallest configuration."""
-    lines = [f"{base.model}: logical batch {base.batch_size}, T={base.seq_len}, {base.precision}, budget "
-             f"{budget_bytes / GIB:.2f} GiB (a simulated peak fits when it is at most "
-             f"{1 - SIMULATION_LOW_BY:.0%} of the budget: the simulator reads up to {SIMULATION_LOW_BY:.0%} low)",
+    lines = [(f"{base.model}: logical batch {base.batch_size}, T={base.seq_len}, {base.precision}, budget "
+              f"{budget_bytes / GIB:.2f} GiB (a simulated peak fits when it is at most "
+              f"{1 - SIMULATION_LOW_BY:.0%} of the budget: the simulator reads up to {SIMULATION_LOW_BY:.0%} low)"),
              f"  {'method':<8} {'micro-batch':>11} {'steps/batch':>11} {'simulated peak':>15}  fits"]
     for o in options:
         lines.append(f"  {o.method:<8} {o.physical_batch_size:>11} {o.steps_per_batch:>11} "

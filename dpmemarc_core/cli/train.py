@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import math
 
-from dpmemarc_core.cli.common import delta_arg, epsilon_arg, memory_arg, method_options_arg, physical_batch_size_arg
+from dpmemarc_core.cli.common import (
+    delta_arg,
+    epsilon_arg,
+    memory_arg,
+    method_option_arg,
+    physical_batch_size_arg,
+)
 from dpmemarc_core.single_site import train
 from dpmemarc_core.training.config import TrainConfig
 from dpmemarc_core.training.precision import PRECISIONS
@@ -18,7 +24,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     d = TrainConfig()
     p.add_argument("--preset", default="quick", choices=PRESETS,
                    help="starting point for every setting below left unset: 'quick' learns in a few CPU minutes "
-                        "(B=128, 3 epochs of 2000 examples, T=48, lr 5e-3, LoRA r=1), 'paper' is the paper's "
+                        "(B=128, one epoch of all examples, T=48, lr 5e-3, LoRA r=1, head lr 2e-2), 'paper' is the "
+                        "paper's "
                         "(B=32, T=128, lr 5e-4, r=64, one epoch of all examples); see dpmemarc_core/training/presets.py")
     p.add_argument("--model", default=d.model, help="HF name or path, or an offline alias: minilm, smollm2-135m")
     p.add_argument("--task", default=d.task, help="task name (see dpmemarc_core.data.TASKS)")
@@ -62,7 +69,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                         "hyper-parameter sweeps)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--method-option", type=method_option_arg, action="append", default=[], metavar="KEY=VALUE",
                    help="method option, e.g. r=16 or reduction=8 (repeatable; merged over the preset's)")
     p.add_argument("--output", default="runs/quickstart", help="directory for summary.json and the trainable state")
     p.add_argument("--no-progress", action="store_true")
@@ -89,7 +96,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         max_grad_norm=args.max_grad_norm,
         clipping_mode=args.clipping_mode, clip_fn=args.clip_fn, accountant=args.accountant, seed=args.seed,
         validation=args.validation,
-        device=args.device, output=args.output, method_options=method_options_arg(args.method_option),
+        device=args.device, output=args.output, method_options=dict(args.method_option),
         zo_params=args.zo_params, progress=not args.no_progress, **given)
 
 

@@ -12,7 +12,7 @@ import torch
 from dpmemarc_core.data import TASKS, num_labels_of, task_kind_of
 from dpmemarc_core.memory.plan import parse_memory_size
 from dpmemarc_core.privacy import PrivacySettings
-from dpmemarc_core.privacy.settings import check_count
+from dpmemarc_core.privacy.settings import check_count, check_delta, check_real
 from dpmemarc_core.training.build import resolve_device
 from dpmemarc_core.training.config import ZO_PARAM_METHODS
 from dpmemarc_core.training.precision import AUTO, resolve_precision
@@ -99,36 +99,29 @@ class FederatedConfig:
         for name in ("max_train", "max_eval", "seed"):
             check_count(getattr(self, name), _key(name), minimum=0)
         if self.physical_batch_size != "auto":
-            if isinstance(self.physical_batch_size, str):
+            try:
+                check_count(self.physical_batch_size, "physical-batch-size", minimum=0)
+            except ValueError:
                 raise ValueError(f"physical-batch-size must be an integer >= 0 or \"auto\", "
-                                 f"got {self.physical_batch_size!r}")
-            check_count(self.physical_batch_size, "physical-batch-size", minimum=0)
+                                 f"got {self.physical_batch_size!r}") from None
         if self.memory:
             parse_memory_size(self.memory, "memory")
         if self.precision != AUTO:
             resolve_precision(self.precision, "cpu")
         for name in ("lr", "max_update_norm", "dirichlet_alpha", "client_dp_clipping_norm", "round_timeout",
                      "server_lr", "site_eval_noise_multiplier"):
-            if not 0 < getattr(self, name) < math.inf:
-                raise ValueError(f"{_key(name)} must satisfy 0 < value < inf, got {getattr(self, name)!r}")
-        if not 0 <= self.head_lr < math.inf:
-            raise ValueError(f"head-lr must be 0 (= lr) or satisfy 0 < value < inf, got {self.head_lr!r}")
-        if not 0 <= self.client_dp_noise_multiplier < math.inf:
-            raise ValueError(f"client-dp-noise-multiplier must satisfy 0 <= value < inf, "
-                             f"got {self.client_dp_noise_multiplier!r}")
+            check_real(getattr(self, name), _key(name), 0, math.inf, "()")
+        for name in ("head_lr", "client_dp_noise_multiplier", "proximal_mu"):  # head-lr 0: lr
+            check_real(getattr(self, name), _key(name), 0, math.inf, "[)")
         if self.delta != 0 and not 0 < self.delta < 1:
             raise ValueError(f"delta must be 0 (= 1/(10N) of each site) or satisfy 0 < value < 1, got {self.delta!r}")
-        for name, low in (("fraction_train", 0.0), ("site_eval_fraction", 0.0)):
-            if not low < getattr(self, name) <= 1 or (name == "site_eval_fraction" and self.site_eval_fraction == 1):
-                raise ValueError(f"{_key(name)} must satisfy 0 < value {'<' if 'eval' in name else '<='} 1, "
-                                 f"got {getattr(self, name)!r}")
+        check_real(self.fraction_train, "fraction-train", 0, 1, "(]")
+        check_real(self.site_eval_fraction, "site-eval-fraction", 0, 1, "()")
         if self.min_train_nodes < self.min_valid_replies:
             raise ValueError(f"min-train-nodes must be >= min-valid-replies ({self.min_valid_replies}): a round "
                              f"sampling fewer sites can never aggregate, got {self.min_train_nodes}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        if not 0 <= self.proximal_mu < math.inf:
-            raise ValueError(f"proximal-mu must satisfy 0 <= value < inf, got {self.proximal_mu!r}")
         if self.strategy == "fedprox" and self.method == "zo":
             raise ValueError("strategy 'fedprox' adds a proximal term to the gradient; method 'zo' has none")
         if self.strategy == "fedadam" and self.client_dp:
@@ -136,8 +129,7 @@ class FederatedConfig:
             # sensitivity is not the clipped mean's, so that noise would not be calibrated.
             raise ValueError("client-dp noises the mean of the clipped updates; with strategy 'fedadam' the server "
                              "releases an Adam step of it instead: use fedavg or fedprox with client-dp")
-        if not 0 < self.client_dp_delta < 1:
-            raise ValueError(f"client-dp-delta must satisfy 0 < value < 1, got {self.client_dp_delta!r}")
+        check_delta(self.client_dp_delta, "client-dp-delta")
         if not 0 <= self.client_dp_target_epsilon < math.inf:
             raise ValueError(f"client-dp-target-epsilon must be 0 (no budget) or a finite number > 0, "
                              f"got {self.client_dp_target_epsilon!r}")
@@ -227,19 +219,12 @@ def _key(name: str) -> str:
     return name.replace("_", "-")
 
 
+# The run config's value types by field annotation (strings under `from __future__ import annotations`).
+# bool is a subclass of int: a true/false where a number belongs is refused.
+_RUN_CONFIG_TYPES = {"bool": (bool,), "int": (int,), "float": (int, float), "int | str": (int, str), "str": (str,)}
+
+
 def _typed(key: str, value: object, kind: str) -> object:
-    # Dataclass field types are strings under `from __future__ import annotations`.
-    if kind == "bool":
-        ok = isinstance(value, bool)
-    elif kind == "int":
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif kind == "float":
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif kind == "int | str":
-        ok = isinstance(value, (int, str)) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, str)
-    if not ok:
+    if not isinstance(value, _RUN_CONFIG_TYPES[kind]) or (kind != "bool" and isinstance(value, bool)):
         raise ValueError(f"run-config '{key}' must be a {kind}, got {value!r}")
-    return value
+    return float(value) if kind == "float" else value

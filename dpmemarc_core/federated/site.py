@@ -22,51 +22,23 @@ from torch import nn
 from dpmemarc_core.data import Task
 from dpmemarc_core.federated.config import FederatedConfig
 from dpmemarc_core.privacy import PrivacyAccountant, noise_multiplier_for
-from dpmemarc_core.training.build import make_trainer
+from dpmemarc_core.training.build import Run, build_run, make_trainer
 from dpmemarc_core.training.config import sample_rate_for
-from dpmemarc_core.training.precision import frozen_dtype, prepare_model, resolve_precision
+from dpmemarc_core.training.precision import resolve_precision
 
 # σ is searched so that the planned steps spend at most target ε; this slack only absorbs float noise in
 # recomputing that ε piecewise (round by round) instead of in one go.
 BUDGET_SLACK = 1e-9
 
 
-@dataclass
-class RunModel:
-    """The model of a run (backbone + method), the same in every process of the run, and the `ModelSpec`
-    that rebuilds it from its export. No data: each process reads only its own (`federated_data`)."""
-
-    model: nn.Module
-    tokenizer: object
-    device: torch.device
-    spec: object  # dpmemarc_core.methods.ModelSpec
-    precision: str  # resolved: bf16, fp16, amp-bf16 or fp32
-
-
-def build_run_model(cfg: FederatedConfig) -> RunModel:
-    """The backbone (its head fits the task) with the method applied, seeded by ``cfg.seed``.
-
-    Every process (server, each site) builds this; the seed makes the randomly initialised parts that
-    stay frozen (if any) identical everywhere, and the server's initial trainable state is what every
-    site starts from.
-    """
-    from dpmemarc_core.methods import ModelSpec, apply
-    from dpmemarc_core.models import load_backbone
-
-    torch.manual_seed(cfg.seed)
-    device = cfg.torch_device()
-    precision = resolve_precision(cfg.precision, device)
-    # generation has 0 labels and ignores the argument
-    backbone, tokenizer = load_backbone(cfg.model, cfg.task_kind(), num_labels=max(cfg.num_labels(), 2),
-                                        dtype=frozen_dtype(precision))
-    # DPZero (zo) trains, forward-only, the trainable part of another method: the export is that method's.
-    spec = ModelSpec(base_model=cfg.model, task_kind=cfg.task_kind(), num_labels=cfg.num_labels(),
-                     labels=cfg.label_names(), method=cfg.zo_params if cfg.method == "zo" else cfg.method,
-                     method_options=cfg.method_kwargs(), pad_token_id=backbone.config.pad_token_id)
-    model = apply(backbone, spec.method, **spec.method_options).to(device)
-    # The trainers of every round use this set-up (precision.prepare_model is idempotent).
-    prepare_model(model, precision, device, master_copies=cfg.method != "zo")
-    return RunModel(model=model, tokenizer=tokenizer, device=device, spec=spec, precision=precision)
+def build_run_model(cfg: FederatedConfig) -> Run:
+    """The run's model, the same in every process of the run (server, each site): built with ``cfg.seed``, so
+    the randomly initialised parts that stay frozen (if any) are identical everywhere, and the server's
+    initial trainable state is what every site starts from. No data: each process reads only its own
+    (`federated.data`)."""
+    return build_run(cfg.model, cfg.task_kind(), cfg.method, num_labels=cfg.num_labels(), labels=cfg.label_names(),
+                     method_options=cfg.method_kwargs(), zo_params=cfg.zo_params, precision=cfg.precision,
+                     device=cfg.torch_device(), seed=cfg.seed)
 
 
 @dataclass(frozen=True)
@@ -147,9 +119,8 @@ def run_site_round(model: nn.Module, task: Task, cfg: FederatedConfig, plan: Sit
     # known to every party, so nothing derived from it may choose them.
     precision = getattr(model, "_dpmemarc_precision", None) or resolve_precision(cfg.precision, device)
     physical = site_physical_batch_size(cfg, model, precision, device)
-    head = {} if cfg.method == "zo" or not cfg.head_lr else {"head_lr": cfg.head_lr}
     trainer = make_trainer(cfg.method, model, task.train, task.collate, privacy, plan.sample_rate,
-                           plan.noise_multiplier, lr=cfg.lr, **head, accountant=accountant,
+                           plan.noise_multiplier, lr=cfg.lr, head_lr=cfg.head_lr or None, accountant=accountant,
                            physical_batch_size=physical, device=device, precision=precision)
     if proximal_mu > 0:
         add_proximal_term(trainer, proximal_mu)
@@ -176,12 +147,15 @@ def site_physical_batch_size(cfg: FederatedConfig, model: nn.Module, precision: 
     expected batch, the noise and the accounting are the run's."""
     if cfg.physical_batch_size != "auto":
         return cfg.physical_batch_size or None
-    from dpmemarc_core.memory.plan import auto_physical_batch_size, config_file, format_bytes, memory_budget
+    from dpmemarc_core.memory.plan import (
+        auto_physical_batch_size,
+        config_file,
+        format_bytes,
+        memory_budget,
+    )
     from dpmemarc_core.memory.step import MemorySpec
 
     budget = memory_budget(cfg.memory, device)
-    if not cfg.memory and device.type == "cuda":
-        budget += torch.cuda.memory_allocated(device)
     spec = MemorySpec(model=config_file(model.config), method=cfg.method, batch_size=cfg.batch_size,
                       seq_len=cfg.max_length, precision=precision, device="meta",
                       epsilon=cfg.target_epsilon, clipping_mode=cfg.clipping_mode, method_options=cfg.method_kwargs(),

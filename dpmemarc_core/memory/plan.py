@@ -27,11 +27,11 @@ import torch
 
 from dpmemarc_core.memory.cache import cache_root, cached
 from dpmemarc_core.memory.step import GIB, MemorySpec, step_memory
+from dpmemarc_core.privacy.settings import check_count
 
 PLAN_METHODS = ("full", "lora", "adapter", "bitfit", "side", "rev", "zo")
 # Among options equally fast (same micro-steps per logical batch), the method that learnt more in the
-# quickstart runs at ε = 8 (BENCHMARKS.md, "Quickstart recipe": adapter 66 %, LoRA 60-65, rev 58-65,
-# side 59-60, full 57, BiTFiT 56, DPZero 50.6) comes first.
+# quickstart runs at ε = 8 comes first (the accuracies: BENCHMARKS.md, "Quickstart recipe").
 METHOD_PREFERENCE = ("adapter", "lora", "rev", "side", "full", "bitfit", "zo")
 SIMULATION_LOW_BY = 0.15  # the simulator reads 5-15 % low; plan for the worst reading
 # Bytes that do not grow with the micro-batch, by the breakdown's roles (for the first prediction only).
@@ -155,8 +155,7 @@ def plan(base: MemorySpec, budget_bytes: int, methods: Sequence[str] = PLAN_METH
     fit follow, smallest peak first. `workers` > 1 simulates methods in that many forked processes (each
     simulation is single-threaded Python).
     """
-    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes < 1:
-        raise ValueError(f"budget_bytes must be an integer >= 1, got {budget_bytes!r}")
+    check_count(budget_bytes, "budget_bytes", minimum=1)
     unknown = [m for m in methods if m not in PLAN_METHODS]
     if unknown or not methods:
         raise ValueError(f"method must be one or more of {', '.join(PLAN_METHODS)}, got {list(methods)!r}")
@@ -187,13 +186,13 @@ def config_file(config) -> str:
 
 
 def memory_budget(memory: str | None, device: torch.device) -> int:
-    """The budget of `physical batch size auto`: `memory` when given (e.g. "8GiB"), else on a CUDA device
-    its free memory now (call it before the model is moved there)."""
+    """The budget of `physical batch size auto`: `memory` when given (e.g. "8GiB"), else on a CUDA device its
+    free memory plus what this process already holds there (the model, which the simulated step counts too)."""
     if memory:
         return parse_memory_size(memory, "memory")
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+        return int(free) + torch.cuda.memory_allocated(device)
     raise ValueError(f"physical batch size 'auto' needs a memory budget on device {device.type!r} (no CUDA to ask): "
                      "give one with --memory (run config: memory), e.g. 8GiB")
 

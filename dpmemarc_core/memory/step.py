@@ -46,18 +46,22 @@ from transformers import PretrainedConfig
 
 import dpmemarc_core.privacy as privacy_package
 from dpmemarc_core.memory.tracker import ROLES, StorageTracker
+from dpmemarc_core.methods.families import ENCODER_MODEL_TYPES
 from dpmemarc_core.models import TASK_KINDS, build_from_config, published_config
 from dpmemarc_core.privacy import PrivacySettings
+from dpmemarc_core.privacy.settings import check_count, check_epsilon
 from dpmemarc_core.training.bk import PrivateTrainer
 from dpmemarc_core.training.config import ZO_PARAM_METHODS
 from dpmemarc_core.training.loop import StepStats
-from dpmemarc_core.training.precision import PRECISIONS, autocast_context, frozen_dtype, prepare_model
+from dpmemarc_core.training.precision import (
+    PRECISIONS,
+    autocast_context,
+    frozen_dtype,
+    prepare_model,
+)
 
 ENGINES = ("bk", "opacus", "nondp")
 DEVICES = ("meta", "cuda", "cpu")
-# Encoder families are fine-tuned for classification (2 labels); every other family as a causal LM.
-ENCODER_FAMILIES = frozenset({"bert", "roberta", "xlm-roberta", "distilbert", "deberta", "deberta-v2", "electra",
-                              "albert", "camembert", "mpnet"})
 SIMULATION_NOTE = ("meta-device figures are simulated and read 5-15 % low: the CUDA caching allocator "
                    "(block rounding, fragmentation) and library workspaces are not modelled")
 STEPS = 2  # the first creates the optimizer state, the second is the steady state a long run sees
@@ -85,30 +89,24 @@ class MemorySpec:
     attn_implementation: str | None = None  # None: the model's default (sdpa)
     seed: int = 0
     zo_params: str = "full"  # method "zo" perturbs the trainable part of this method: full, lora or bitfit
-    task_kind: str | None = None  # None: classification for encoder families, generation otherwise
+    task_kind: str | None = None  # None: classification (2 labels) for encoder families, generation otherwise
     num_labels: int = 2  # classification only
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "seq_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            check_count(getattr(self, name), name, minimum=1)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.task_kind is not None and self.task_kind not in TASK_KINDS:
             raise ValueError(f"task_kind must be one of {', '.join(TASK_KINDS)} or None, got {self.task_kind!r}")
-        if isinstance(self.num_labels, bool) or not isinstance(self.num_labels, int) or self.num_labels < 2:
-            raise ValueError(f"num_labels must be an integer >= 2, got {self.num_labels!r}")
+        check_count(self.num_labels, "num_labels", minimum=2)
         if self.device is not None and self.device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
-        if isinstance(self.epsilon, bool) or not (isinstance(self.epsilon, (int, float)) and self.epsilon > 0):
-            raise ValueError(f"epsilon must be > 0 (inf: no noise), got {self.epsilon!r}")
-        if self.backward_passes is not None:
-            if self.backward_passes not in (1, 2) or isinstance(self.backward_passes, bool):
-                raise ValueError(f"backward_passes must be 1, 2 or None (the method's choice), "
-                                 f"got {self.backward_passes!r}")
+        check_epsilon(self.epsilon, "epsilon", allow_inf=True)  # inf: no noise
+        if self.backward_passes is not None:  # None: the method's choice
+            check_count(self.backward_passes, "backward_passes", minimum=1, maximum=2)
             if self.engine != "bk":
                 raise ValueError(f"backward_passes is a setting of engine 'bk', not of {self.engine!r}")
         if self.method == "zo":
@@ -130,7 +128,7 @@ class MemorySpec:
 
 
 def task_kind_of(config: PretrainedConfig) -> str:
-    return "classification" if config.model_type in ENCODER_FAMILIES else "generation"
+    return "classification" if config.model_type in ENCODER_MODEL_TYPES else "generation"
 
 
 def step_memory(spec: MemorySpec) -> dict:
@@ -335,7 +333,11 @@ def _kernels(device: torch.device) -> Iterator[None]:
     if device.type != "meta":
         yield
         return
-    from dpmemarc_core.memory.emulation import FusedAttention, meta_autocast_queries, meta_values_unknown
+    from dpmemarc_core.memory.emulation import (
+        FusedAttention,
+        meta_autocast_queries,
+        meta_values_unknown,
+    )
 
     with meta_values_unknown(), meta_autocast_queries(), FusedAttention():
         yield
@@ -347,16 +349,16 @@ def format_report(result: dict) -> str:
     size = {k.removesuffix("_bytes"): v / scale for k, v in result["breakdown"].items()}
     how = "simulated on meta" if result["simulated"] else f"measured on {result['device']}"
     lines = [
-        f"{result['model']} / {result['method']} / engine {result['engine']}: B={result['batch_size']} "
-        f"T={result['seq_len']} {result['precision']}, {how}",
+        (f"{result['model']} / {result['method']} / engine {result['engine']}: B={result['batch_size']} "
+         f"T={result['seq_len']} {result['precision']}, {how}"),
         f"  peak {result['peak_bytes'] / scale:.3f} {unit} (during {result['peak_phase']})",
         f"  weights (frozen)          {size['weights']:.3f} {unit}",
         f"  trainable params          {size['trainable_params']:.3f} {unit}",
         f"  grads                     {size['grads']:.3f} {unit}",
-        f"  optimizer state           {size['optimizer_state']:.3f} {unit} "
-        f"(+ {size['optimizer_temporaries']:.3f} temporaries)",
-        f"  activations (+ saved)     {size['activations'] + size['logits']:.3f} {unit} "
-        f"(of which vocabulary-wide logits {size['logits']:.3f})",
+        (f"  optimizer state           {size['optimizer_state']:.3f} {unit} "
+         f"(+ {size['optimizer_temporaries']:.3f} temporaries)"),
+        (f"  activations (+ saved)     {size['activations'] + size['logits']:.3f} {unit} "
+         f"(of which vocabulary-wide logits {size['logits']:.3f})"),
         f"  DP engine buffers         {size['engine_buffers']:.3f} {unit}",
     ]
     if result["note"]:

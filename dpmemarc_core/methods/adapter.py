@@ -7,7 +7,9 @@ import re
 import torch
 from torch import nn
 
-from dpmemarc_core.methods.placement import block_regex, freeze_all_but_head, placement_of
+from dpmemarc_core.methods.families import layout_of
+from dpmemarc_core.methods.placement import block_regex, freeze_all_but_head
+from dpmemarc_core.privacy.settings import check_count
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
@@ -62,12 +64,11 @@ def apply_adapter(model: nn.Module, *, bottleneck: int = 64, activation: str = "
     a causal LM's head stays frozen. The adapted projections' own weights keep their values under
     `<path>.base`.
     """
-    if isinstance(bottleneck, bool) or not isinstance(bottleneck, int) or bottleneck < 1:
-        raise ValueError(f"adapter: bottleneck must be an integer >= 1, got {bottleneck!r}")
+    bottleneck = check_count(bottleneck, "adapter: bottleneck", minimum=1)
     if activation not in ACTIVATIONS:
         raise ValueError(f"adapter: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-    placement = placement_of(model, "adapter")
-    pattern = block_regex(placement, (placement.attention_output, placement.mlp_output))
+    layout = layout_of(model, "adapter")
+    pattern = block_regex(layout, (layout.attention_output, layout.mlp_output))
     paths = [name for name, _ in model.named_modules() if re.fullmatch(pattern, name)]
     if not paths:
         raise ValueError(f"adapter: no module of {type(model).__name__} matches {pattern!r}")

@@ -12,13 +12,15 @@ from collections.abc import Sequence
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from torch import nn
 
-from dpmemarc_core.methods.placement import block_regex, classifier_head, placement_of
+from dpmemarc_core.methods.families import FAMILIES, layout_of, model_type_of
+from dpmemarc_core.methods.placement import block_regex, classifier_head
+from dpmemarc_core.privacy.settings import check_bool, check_count, check_real
 
 
 def _target_modules(model: nn.Module, target_modules: str | Sequence[str] | None, include_mlp: bool) -> str | list[str]:
     if target_modules is None:
-        placement = placement_of(model, "lora")
-        return block_regex(placement, placement.attention + (placement.mlp if include_mlp else ()))
+        layout = layout_of(model, "lora")
+        return block_regex(layout, layout.query_value + (layout.mlp_projections if include_mlp else ()))
     if include_mlp:
         raise ValueError("lora: give either target_modules or include_mlp=True, not both")
     if isinstance(target_modules, str):
@@ -41,16 +43,13 @@ def apply_lora(model: nn.Module, *, r: int = 64, lora_alpha: float | None = None
     A classification model's head is trained too (peft's `modules_to_save` copy, a plain Linear stack);
     a causal LM's head stays frozen.
     """
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"lora: r must be an integer >= 1, got {r!r}")
+    r = check_count(r, "lora: r", minimum=1)
     alpha = r if lora_alpha is None else lora_alpha
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0 < alpha < math.inf):
-        raise ValueError(f"lora: lora_alpha must be a finite number > 0, got {lora_alpha!r}")
-    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) or not 0 <= lora_dropout < 1:
-        raise ValueError(f"lora: lora_dropout must be in [0, 1), got {lora_dropout!r}")
-    if not isinstance(include_mlp, bool):
-        raise ValueError(f"lora: include_mlp must be True or False, got {include_mlp!r}")
+    check_real(alpha, "lora: lora_alpha", 0, math.inf, "()")  # checked, passed on as given (int or float)
+    lora_dropout = check_real(lora_dropout, "lora: lora_dropout", 0, 1, "[)")
+    check_bool(include_mlp, "lora: include_mlp")
     targets = _target_modules(model, target_modules, include_mlp)
+    family = FAMILIES.get(model_type_of(model))  # None for a family without a layout, given target_modules
     head = classifier_head(model)
     if head is not None:
         task_type = TaskType.SEQ_CLS
@@ -59,8 +58,7 @@ def apply_lora(model: nn.Module, *, r: int = 64, lora_alpha: float | None = None
     else:
         task_type = None
     config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=float(lora_dropout), target_modules=targets, bias="none",
+        r=r, lora_alpha=alpha, lora_dropout=lora_dropout, target_modules=targets, bias="none",
         task_type=task_type, modules_to_save=[head] if head else None,
-        # GPT-2's Conv1D stores its weight as (in, out).
-        fan_in_fan_out=getattr(getattr(model, "config", None), "model_type", None) == "gpt2")
+        fan_in_fan_out=family is not None and family.conv1d)  # GPT-2's Conv1D stores its weight as (in, out)
     return get_peft_model(model, config)

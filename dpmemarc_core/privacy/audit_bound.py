@@ -16,37 +16,20 @@ and the largest rejected ε is the audit's lower bound.
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
 from scipy.special import expit
 from scipy.stats import binom
 
+from dpmemarc_core.privacy.settings import check_count, check_real
+
 _BISECTION_STEPS = 60
 
 
-def _count(value: object, name: str, low: int, high: int, high_name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
-        raise ValueError(f"{name} must be an integer with {low} <= {name} <= {high_name} ({high}), got {value!r}")
-    return int(value)
-
-
 def _check_counts(canaries: int, guesses: int, correct: int) -> tuple[int, int, int]:
-    if isinstance(canaries, bool) or not isinstance(canaries, numbers.Integral) or canaries < 1:
-        raise ValueError(f"canaries must be an integer >= 1, got {canaries!r}")
-    guesses = _count(guesses, "guesses", 0, int(canaries), "canaries")
-    correct = _count(correct, "correct", 0, guesses, "guesses")
-    return int(canaries), guesses, correct
-
-
-def _check_probability(value: object, name: str, low_open: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
-        raise ValueError(f"{name} must be a real number, got {value!r}")
-    value = float(value)
-    ok = (0.0 < value < 1.0) if low_open else (0.0 <= value < 1.0)
-    if not ok:
-        raise ValueError(f"{name} must satisfy {'0 <' if low_open else '0 <='} value < 1, got {value!r}")
-    return value
+    canaries = check_count(canaries, "canaries", minimum=1)
+    guesses = check_count(guesses, "guesses", minimum=0, maximum=canaries)
+    return canaries, guesses, check_count(correct, "correct", minimum=0, maximum=guesses)
 
 
 def audit_p_value(canaries: int, guesses: int, correct: int, epsilon: float, delta: float) -> float:
@@ -55,9 +38,8 @@ def audit_p_value(canaries: int, guesses: int, correct: int, epsilon: float, del
     An upper bound on that probability, from the theorem in the module docstring; capped at 1.
     """
     m, r, v = _check_counts(canaries, guesses, correct)
-    delta = _check_probability(delta, "delta", low_open=False)
-    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real) or not epsilon >= 0:
-        raise ValueError(f"epsilon must be a real number >= 0, got {epsilon!r}")
+    delta = check_real(delta, "delta", 0, 1, "[)")
+    epsilon = check_real(epsilon, "epsilon", 0, math.inf)
     if v == 0:
         return 1.0
     p = float(expit(epsilon))
@@ -75,8 +57,8 @@ def epsilon_lower_bound(canaries: int, guesses: int, correct: int, delta: float,
     Algorithm 2 does; the p-value grows with ε (a more accurate randomized response makes the count likelier).
     """
     m, r, v = _check_counts(canaries, guesses, correct)
-    delta = _check_probability(delta, "delta", low_open=False)
-    beta = _check_probability(beta, "beta", low_open=True)
+    delta = check_real(delta, "delta", 0, 1, "[)")
+    beta = check_real(beta, "beta", 0, 1, "()")
     if audit_p_value(m, r, v, 0.0, delta) >= beta:
         return 0.0
     lo, hi = 0.0, 1.0

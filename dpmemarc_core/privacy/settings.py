@@ -30,6 +30,18 @@ def _as_float(value: object, name: str) -> float:
     return value
 
 
+def check_real(value: object, name: str, low: float = -math.inf, high: float = math.inf, ends: str = "[]") -> float:
+    """A real number between `low` and `high`; `ends` says which bounds belong to the range: "[]" both, "()"
+    neither, "[)" or "(]" one (so "(0, inf)" with `ends="()"` is "finite and > 0")."""
+    value = _as_float(value, name)
+    above = value >= low if ends[0] == "[" else value > low
+    below = value <= high if ends[1] == "]" else value < high
+    if not (above and below):
+        accepted = f"{low:g} {'<=' if ends[0] == '[' else '<'} value {'<=' if ends[1] == ']' else '<'} {high:g}"
+        raise ValueError(f"{name} must satisfy {accepted}, got {value!r}")
+    return value
+
+
 def check_epsilon(value: object, name: str = "epsilon", allow_inf: bool = False) -> float:
     """ε: finite and > 0; math.inf (non-private) only when the caller allows it."""
     value = _as_float(value, name)
@@ -43,43 +55,37 @@ def check_epsilon(value: object, name: str = "epsilon", allow_inf: bool = False)
 
 def check_delta(value: object, name: str = "delta") -> float:
     """δ: 0 < δ < 1."""
-    value = _as_float(value, name)
-    if not (0.0 < value < 1.0):
-        raise ValueError(f"{name} must satisfy 0 < value < 1, got {value!r}")
-    return value
+    return check_real(value, name, 0, 1, "()")
 
 
 def check_sample_rate(value: object, name: str = "sample_rate") -> float:
     """Poisson sampling rate q: 0 < q <= 1."""
-    value = _as_float(value, name)
-    if not (0.0 < value <= 1.0):
-        raise ValueError(f"{name} must satisfy 0 < value <= 1, got {value!r}")
-    return value
+    return check_real(value, name, 0, 1, "(]")
 
 
 def check_noise_multiplier(value: object, name: str = "noise_multiplier") -> float:
     """σ (noise std / clipping norm): finite and >= 0; 0 means no privacy."""
-    value = _as_float(value, name)
-    if not (0.0 <= value < math.inf):
-        raise ValueError(f"{name} must satisfy 0 <= value < inf, got {value!r}")
-    return value
+    return check_real(value, name, 0, math.inf, "[)")
 
 
 def check_max_grad_norm(value: object, name: str = "max_grad_norm") -> float:
     """Clipping norm C: finite and > 0."""
-    value = _as_float(value, name)
-    if not (0.0 < value < math.inf):
-        raise ValueError(f"{name} must satisfy 0 < value < inf, got {value!r}")
-    return value
+    return check_real(value, name, 0, math.inf, "()")
 
 
-def check_count(value: object, name: str, minimum: int = 0) -> int:
-    """An integer count (steps, examples) >= minimum."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    value = int(value)
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+def check_count(value: object, name: str, minimum: int = 0, maximum: int | None = None) -> int:
+    """An integer count (steps, examples, sizes) >= minimum, and <= maximum when one is given."""
+    accepted = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum \
+            or (maximum is not None and value > maximum):
+        raise ValueError(f"{name} must be an integer {accepted}, got {value!r}")
+    return int(value)
+
+
+def check_bool(value: object, name: str) -> bool:
+    """True or False (not 1, 0 or a string)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
     return value
 
 
@@ -117,8 +123,7 @@ class PrivacySettings:
             check_choice(self.delta, "delta", tuple(DELTA_RULES))
         elif self.delta is not None:
             object.__setattr__(self, "delta", check_delta(self.delta, "delta"))
-        if not isinstance(self.secure_mode, bool):
-            raise ValueError(f"secure_mode must be True or False, got {self.secure_mode!r}")
+        check_bool(self.secure_mode, "secure_mode")
         object.__setattr__(self, "max_grad_norm", check_max_grad_norm(self.max_grad_norm, "max_grad_norm"))
         check_choice(self.clipping_mode, "clipping_mode", CLIPPING_MODES)
         check_choice(self.clip_fn, "clip_fn", CLIP_FNS)

@@ -6,19 +6,19 @@ and a Flower client (many rounds, accountant kept across them) share every line 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from dpmemarc_core.losses import model_per_example_loss
 from dpmemarc_core.privacy import BKEngine, PrivacyAccountant, PrivacySettings
 from dpmemarc_core.privacy.noise import privatize_gradients
-from dpmemarc_core.privacy.settings import check_sample_rate
-from dpmemarc_core.training.loop import Collate, StepStats, private_randomness, run_steps
+from dpmemarc_core.training.config import BK_DEFAULT_LR
+from dpmemarc_core.training.loop import Collate, StepStats, StepTrainer
 from dpmemarc_core.training.precision import LossScaler, prepare_model
 
 
-class PrivateTrainer:
+class PrivateTrainer(StepTrainer):
     """Runs private (or, at ε = ∞, ordinary) optimisation steps of `model` on `examples`.
 
     Each step samples a Poisson batch (rate `sample_rate`, possibly empty), splits it into physical
@@ -36,33 +36,22 @@ class PrivateTrainer:
     """
 
     def __init__(self, model: torch.nn.Module, examples: Sequence[dict], collate: Collate,
-                 privacy: PrivacySettings, sample_rate: float, noise_multiplier: float, lr: float = 5e-4,
+                 privacy: PrivacySettings, sample_rate: float, noise_multiplier: float, lr: float = BK_DEFAULT_LR,
                  accountant: PrivacyAccountant | None = None, physical_batch_size: int | None = None,
                  device: torch.device | str | None = None, *, sampling_seed: int | None = None,
                  noise_seed: int | None = None, precision: str = "fp32", head_lr: float | None = None) -> None:
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        prepare_model(model, precision, self.device)
+        device = torch.device(device) if device is not None else next(model.parameters()).device
+        prepare_model(model, precision, device)
+        super().__init__(model, examples, collate, privacy, sample_rate, noise_multiplier, accountant,
+                         physical_batch_size, device, sampling_seed, noise_seed)
         self.scaler = LossScaler() if precision == "fp16" else None
-        self.model = model
-        self.examples = examples
-        self.collate = collate
-        self.privacy = privacy
-        self.sample_rate = check_sample_rate(sample_rate)
-        self.noise_multiplier = float(noise_multiplier)
-        self.accountant = accountant if accountant is not None else PrivacyAccountant(privacy.accountant)
-        self.physical_batch_size = physical_batch_size
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(parameter_groups(model, lr, head_lr), lr=lr)
-        self.sampling, self.noise = private_randomness(privacy, self.device, sampling_seed, noise_seed)
         self.engine = None
         if privacy.is_private:
             self.engine = BKEngine(model, max_grad_norm=privacy.max_grad_norm, clipping_mode=privacy.clipping_mode,
                                    clip_fn=privacy.clip_fn,
                                    backward_passes=getattr(model, "recommended_backward_passes", 1))
-
-    @property
-    def expected_batch_size(self) -> float:
-        return self.sample_rate * len(self.examples)
 
     def _micro_batches(self, indices: list[int]) -> list[list[int]]:
         size = self.physical_batch_size or max(len(indices), 1)
@@ -99,11 +88,6 @@ class PrivateTrainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         stats.steps += 1
-
-    def run(self, steps: int, progress: bool = True, on_step: Callable[[int], None] | None = None,
-            description: str = "train") -> dict:
-        """Run `steps` steps; returns loss/examples/clipping statistics. Batches differ from call to call."""
-        return run_steps(self, steps, progress, on_step, description)
 
 
 def parameter_groups(model: torch.nn.Module, lr: float, head_lr: float | None = None) -> list[dict]:

@@ -73,5 +73,7 @@ def check_physical_batch_size(value: object, name: str = "physical_batch_size") 
     """None (the whole batch at once), an integer >= 1, or "auto"."""
     if value is None or value == "auto":
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1 or 'auto', got {value!r}")
+    try:
+        check_count(value, name, minimum=1)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer >= 1 or 'auto', got {value!r}") from None

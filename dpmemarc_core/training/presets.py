@@ -10,9 +10,10 @@ offline MiniLM + movie snippets (BENCHMARKS.md, "Private recipe"; the older "Qui
 got here): one epoch of all training examples at expected batch 128 (74 Poisson steps), short sequences, the
 smallest trainable part of each method at a rate it survives under DP noise, and the classifier head at its
 own larger rate (`QUICK_HEAD_LR`). Size matters under DP: noise of one scale lands on every trainable
-coordinate, so LoRA at r=64 stayed at chance after 47 steps where r=1 learned. What decides most is the head:
-a mean-pooling encoder is classified from the mean of its token states (`dpmemarc_core.pooling`), and the
-head, which starts from scratch, needs a rate the backbone's part cannot take.
+coordinate, so a large LoRA rank stays near chance in the steps where r=1 learns (BENCHMARKS.md,
+"Quickstart recipe"). What decides most is the head: a mean-pooling encoder is classified from the mean of
+its token states (`dpmemarc_core.pooling`), and the head, which starts from scratch, needs a rate the
+backbone's part cannot take.
 """
 
 from __future__ import annotations

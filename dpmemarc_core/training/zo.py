@@ -17,7 +17,7 @@ relation; this project accounts add/remove neighbours, as Opacus does, where the
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -25,8 +25,8 @@ import torch
 from dpmemarc_core.losses import per_example_loss
 from dpmemarc_core.privacy import PrivacyAccountant, PrivacySettings
 from dpmemarc_core.privacy.clip import clip_scalars
-from dpmemarc_core.privacy.settings import check_count, check_sample_rate
-from dpmemarc_core.training.loop import Collate, StepStats, private_randomness, run_steps
+from dpmemarc_core.privacy.settings import check_count, check_real
+from dpmemarc_core.training.loop import Collate, StepStats, StepTrainer
 from dpmemarc_core.training.precision import prepare_model
 from dpmemarc_core.training.zo_directions import (
     SEED_BOUND,
@@ -46,15 +46,7 @@ DEFAULT_LR = 1e-5
 _DIRECTION_STREAM = 0x7A6F
 
 
-def _finite_number(value: object, name: str, allow_zero: bool = False) -> float:
-    bound = ">= 0" if allow_zero else "> 0"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
-    return float(value)
-
-
-class ZOTrainer:
+class ZOTrainer(StepTrainer):
     """Runs DPZero steps of `model` on `examples`; the same surface as `PrivateTrainer`.
 
     Perturbs exactly the parameters with requires_grad (set by `methods.apply(model, "full" | "lora" |
@@ -64,7 +56,8 @@ class ZOTrainer:
     `direction_device` draws z (see `zo_directions`: "cpu" makes `history` replayable anywhere).
 
     Forwards run in eval mode: with dropout on, L(θ+λz) and L(θ−λz) would see different masks and
-    their difference would be dominated by the mask, not by z.
+    their difference would be dominated by the mask, not by z. The loss `run` reports is the mean of
+    L(θ+λz) and L(θ−λz), which is L(θ) up to O(λ²).
 
     For a Flower client: send `history` (with `lr`, `direction_device`), not the trainable state,
     when the server holds the same starting model and both draw z on the CPU. It is 2 numbers per
@@ -81,35 +74,24 @@ class ZOTrainer:
                  perturbation_scale: float = DEFAULT_PERTURBATION_SCALE,
                  direction_device: torch.device | str | None = None, sampling_seed: int | None = None,
                  noise_seed: int | None = None, precision: str = "fp32") -> None:
+        self.params = trainable_parameters(model)
+        device = torch.device(device) if device is not None else self.params[0].device
         # The same set-up as PrivateTrainer's, without fp32 master copies: no optimizer keeps state for them,
         # and the perturbation is applied to the weights the forward reads.
-        prepare_model(model, precision, device if device is not None else trainable_parameters(model)[0].device,
-                      master_copies=False)
-        self.model = model
-        self.examples = examples
-        self.collate = collate
-        self.privacy = privacy
-        self.sample_rate = check_sample_rate(sample_rate)
-        self.noise_multiplier = _finite_number(noise_multiplier, "noise_multiplier", allow_zero=True)
-        self.lr = _finite_number(lr, "lr", allow_zero=True)
-        self.perturbation_scale = _finite_number(perturbation_scale, "perturbation_scale")
-        self.accountant = accountant if accountant is not None else PrivacyAccountant(privacy.accountant)
-        self.physical_batch_size = (None if physical_batch_size is None
-                                    else check_count(physical_batch_size, "physical_batch_size", minimum=1))
-        self.params = trainable_parameters(model)
-        self.device = torch.device(device) if device is not None else self.params[0].device
+        prepare_model(model, precision, device, master_copies=False)
+        if physical_batch_size is not None:
+            check_count(physical_batch_size, "physical_batch_size", minimum=1)
+        super().__init__(model, examples, collate, privacy, sample_rate, noise_multiplier, accountant,
+                         physical_batch_size, device, sampling_seed, noise_seed)
+        self.lr = check_real(lr, "lr", 0, math.inf, "[)")
+        self.perturbation_scale = check_real(perturbation_scale, "perturbation_scale", 0, math.inf, "()")
         self.direction_device = resolve_direction_device(self.params, direction_device)
         # `seed` is public and fixes only the directions, which are published anyway (history); batches and
         # noise come from the secret streams (`sampling_seed`/`noise_seed` fix them: BREAKS PRIVACY, tests only).
         check_count(seed, "seed", minimum=0)
-        self.sampling, self.noise = private_randomness(privacy, self.device, sampling_seed, noise_seed)
         self._direction_seeds = np.random.default_rng([seed, _DIRECTION_STREAM])
         self._seeds: list[int] = []
         self._projected: list[torch.Tensor] = []
-
-    @property
-    def expected_batch_size(self) -> float:
-        return self.sample_rate * len(self.examples)
 
     @property
     def history(self) -> list[tuple[int, float]]:
@@ -169,11 +151,3 @@ class ZOTrainer:
         stats.loss_sum = stats.loss_sum + (plus + minus).sum() / 2
         stats.examples += len(indices)
         stats.steps += 1
-
-    def run(self, steps: int, progress: bool = True, on_step: Callable[[int], None] | None = None,
-            description: str = "train") -> dict:
-        """Run `steps` steps; returns loss/examples/clipping statistics. Batches differ from call to call.
-
-        The reported loss is the mean of L(θ+λz) and L(θ−λz), which is L(θ) up to O(λ²).
-        """
-        return run_steps(self, steps, progress, on_step, description)

@@ -14,9 +14,12 @@ both ends; drawing on the parameters' own device is faster and fine for single-s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
+
+from dpmemarc_core.privacy.settings import check_count, check_real
 
 # torch's CPU generator keeps only the low 32 bits of a seed; larger seeds would alias.
 SEED_BOUND = 2**32
@@ -32,9 +35,8 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 def check_seed(seed: object, name: str = "seed") -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_BOUND:
-        raise ValueError(f"{name} must be an integer with 0 <= {name} < 2**32, got {seed!r}")
-    return seed
+    """A direction seed: below `SEED_BOUND`, the bits torch's CPU generator keeps."""
+    return check_count(seed, name, minimum=0, maximum=SEED_BOUND - 1)
 
 
 def resolve_direction_device(params: Sequence[torch.Tensor],
@@ -84,16 +86,13 @@ def apply_zo_updates(model: torch.nn.Module, pairs: Iterable[tuple[int, float]],
     The result equals the sender's parameters up to float rounding (about 1e-7 relative per step in
     fp32: the sender's perturb-and-restore round trips are not bit-exact).
     """
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 <= lr < float("inf"):
-        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+    check_real(lr, "lr", 0, math.inf, "[)")
     params = trainable_parameters(model)
     device = resolve_direction_device(params, direction_device)
     for i, pair in enumerate(pairs):
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
             raise ValueError(f"pairs[{i}] must be (seed, projected_grad), got {pair!r}")
         seed, projected_grad = pair
-        check_seed(seed, f"pairs[{i}].seed")
-        if isinstance(projected_grad, bool) or not isinstance(projected_grad, (int, float)) \
-                or projected_grad != projected_grad or abs(projected_grad) == float("inf"):
-            raise ValueError(f"pairs[{i}].projected_grad must be a finite number, got {projected_grad!r}")
-        perturb_(params, seed, -lr * float(projected_grad), device)
+        seed = check_seed(seed, f"pairs[{i}].seed")
+        projected_grad = check_real(projected_grad, f"pairs[{i}].projected_grad", -math.inf, math.inf, "()")
+        perturb_(params, seed, -lr * projected_grad, device)

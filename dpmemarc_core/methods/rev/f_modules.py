@@ -39,7 +39,8 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from dpmemarc_core.methods.adapter import BottleneckAdapter
-from dpmemarc_core.methods.placement import Placement, block_regex
+from dpmemarc_core.methods.families import FamilyLayout
+from dpmemarc_core.methods.placement import block_regex
 from dpmemarc_core.methods.rev.coupling import Sublayer
 
 F_MODULES = ("lora", "parallel_adapter", "prefix", "dylora")
@@ -123,17 +124,16 @@ def _with_rank_sampling(attention: Sublayer) -> Sublayer:
 
 
 def install_f_module(model: nn.Module, blocks: nn.ModuleList, f_module: str, attention: Sublayer, *,
-                     placement: Placement, r: int, lora_alpha: float, activation: str) -> Sublayer:
+                     layout: FamilyLayout, r: int, lora_alpha: float) -> Sublayer:
     """Add `f_module`'s trainable part to every block of `model` (in place); return F's sub-layer.
 
     New modules sit on each block as `f_adapter` (parallel_adapter), `f_prefix` (prefix) or `f_rank`
     (dylora's sampler, no parameters); LoRA factors inside the query/value projections as peft puts
     them. Trainability is left to the caller (apply_rev freezes everything, then re-enables them)."""
     if f_module in LORA_MODULES:
-        model_type = model.config.model_type
         inject_adapter_in_model(LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=0.0, bias="none",
-                                           target_modules=block_regex(placement, placement.attention),
-                                           fan_in_fan_out=model_type == "gpt2"), model)
+                                           target_modules=block_regex(layout, layout.query_value),
+                                           fan_in_fan_out=layout.conv1d), model)
         if f_module == "lora":
             return attention
         for block in blocks:
@@ -147,7 +147,7 @@ def install_f_module(model: nn.Module, blocks: nn.ModuleList, f_module: str, att
     for block in blocks:
         like = next(block.parameters())
         if f_module == "parallel_adapter":
-            block.f_adapter = ParallelAdapter(hidden, r, activation, like)
+            block.f_adapter = ParallelAdapter(hidden, r, layout.activation, like)
         else:
             block.f_prefix = ParallelPrefix(hidden, r, like)
     return _with_parallel(attention, "f_adapter" if f_module == "parallel_adapter" else "f_prefix")

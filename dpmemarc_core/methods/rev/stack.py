@@ -1,7 +1,7 @@
 """DP-MemArc's reversible network (`rev`, MemDPT_rev): pretrained blocks made reversible after MEFT.
 
 Each block is one coupling of two streams (see `coupling`): F is the block's attention sub-layer
-with LoRA on its query/value projections (or another trainable part: `f_module`, see `rev_f_modules`),
+with LoRA on its query/value projections (or another trainable part: `f_module`, see `f_modules`),
 G its MLP sub-layer with a Houlsby adapter after the output projection, the arrangement of MEFT's
 third variant (F = attention, G = MLP, λ = β = 0.1, streams not swapped). The forward keeps no
 graph; the backward replays the stack segment by segment from stream pairs stored every ~√L
@@ -29,63 +29,47 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from dpmemarc_core.methods.adapter import AdaptedOutput, BottleneckAdapter
-from dpmemarc_core.methods.placement import freeze_all_but_head, placement_of
+from dpmemarc_core.methods.families import FamilyLayout, layout_of
+from dpmemarc_core.methods.placement import freeze_all_but_head
 from dpmemarc_core.methods.rev.coupling import ReversibleStack, Sublayer, cache_argument
-from dpmemarc_core.methods.rev.f_modules import LORA_MODULES, ParallelPrefix, check_f_module, install_f_module
+from dpmemarc_core.methods.rev.f_modules import (
+    LORA_MODULES,
+    ParallelPrefix,
+    check_f_module,
+    install_f_module,
+)
+from dpmemarc_core.privacy.settings import check_count, check_real
+
+# Arguments a rotary block (Llama) receives and passes to its attention; a call dict holds only those of the
+# installed block's own signature, so GPT-2's and BERT's never see them.
+_POSITION_ARGUMENTS = ("position_ids", "position_embeddings")
 
 
-def _gpt2_attention(block: nn.Module, x: torch.Tensor, call: dict) -> torch.Tensor:
-    out, _ = block.attn(block.ln_1(x), attention_mask=call["attention_mask"], **cache_argument(call),
-                        use_cache=call["use_cache"], **call["kwargs"])
-    return x + out
+def sublayers(layout: FamilyLayout) -> tuple[Sublayer, Sublayer]:
+    """F and G of a block of `layout`'s family: its attention and its MLP sub-layer, each with its residual
+    (and, post-norm, its norm), called as the block itself calls them."""
+    if not layout.pre_norm:
+        def post_norm_attention(block: nn.Module, x: torch.Tensor, call: dict) -> torch.Tensor:
+            # BERT's attention module already holds the residual and the post-norm: LN(x + Attn(x)).
+            return block.get_submodule(layout.attention)(x, call["attention_mask"], **cache_argument(call),
+                                                         **call["kwargs"])[0]
 
+        def post_norm_mlp(block: nn.Module, y: torch.Tensor, call: dict) -> torch.Tensor:
+            return block.feed_forward_chunk(y)  # LN(y + MLP(y)), BERT's two MLP modules
 
-def _gpt2_mlp(block: nn.Module, y: torch.Tensor, call: dict) -> torch.Tensor:
-    return y + block.mlp(block.ln_2(y))
+        return post_norm_attention, post_norm_mlp
 
+    def pre_norm_attention(block: nn.Module, x: torch.Tensor, call: dict) -> torch.Tensor:
+        positions = {name: call[name] for name in _POSITION_ARGUMENTS if name in call}
+        out, _ = block.get_submodule(layout.attention)(
+            block.get_submodule(layout.attention_norm)(x), attention_mask=call["attention_mask"],
+            **cache_argument(call), use_cache=call["use_cache"], **positions, **call["kwargs"])
+        return x + out
 
-def _llama_attention(block: nn.Module, x: torch.Tensor, call: dict) -> torch.Tensor:
-    out, _ = block.self_attn(hidden_states=block.input_layernorm(x), attention_mask=call["attention_mask"],
-                             position_ids=call["position_ids"], **cache_argument(call),
-                             use_cache=call["use_cache"], position_embeddings=call["position_embeddings"],
-                             **call["kwargs"])
-    return x + out
+    def pre_norm_mlp(block: nn.Module, y: torch.Tensor, call: dict) -> torch.Tensor:
+        return y + block.get_submodule(layout.mlp)(block.get_submodule(layout.mlp_norm)(y))
 
-
-def _llama_mlp(block: nn.Module, y: torch.Tensor, call: dict) -> torch.Tensor:
-    return y + block.mlp(block.post_attention_layernorm(y))
-
-
-def _bert_attention(block: nn.Module, x: torch.Tensor, call: dict) -> torch.Tensor:
-    # BERT's attention output already holds the residual and the post-norm: LN(x + Attn(x)).
-    return block.attention(x, call["attention_mask"], **cache_argument(call), **call["kwargs"])[0]
-
-
-def _bert_mlp(block: nn.Module, y: torch.Tensor, call: dict) -> torch.Tensor:
-    return block.output(block.intermediate(y), y)
-
-
-# model_type -> (block list below `model.base_model`, F's sub-layer, G's sub-layer, adapter activation)
-FAMILIES: dict[str, tuple[str, Sublayer, Sublayer, str]] = {
-    "gpt2": ("h", _gpt2_attention, _gpt2_mlp, "gelu"),
-    "llama": ("layers", _llama_attention, _llama_mlp, "silu"),
-    "bert": ("encoder.layer", _bert_attention, _bert_mlp, "gelu"),
-    "roberta": ("encoder.layer", _bert_attention, _bert_mlp, "gelu"),
-}
-
-
-def _check_factor(name: str, value: object) -> float:
-    # Nothing divides by λ or β (the backward replays, it does not invert): 0 is allowed. Above 1 a stream
-    # would grow geometrically with depth; no use for that was found, so it is refused.
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-        raise ValueError(f"rev: {name} must be a number in [0, 1], got {value!r}")
-    return float(value)
-
-
-def _check_size(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"rev: {name} must be an integer >= 1, got {value!r}")
-    return value
+    return pre_norm_attention, pre_norm_mlp
 
 
 def apply_rev(model: nn.Module, r: int = 64, *, lora_alpha: float | None = None, adapter_size: int | None = None,
@@ -100,7 +84,7 @@ def apply_rev(model: nn.Module, r: int = 64, *, lora_alpha: float | None = None,
     `x1_factor` λ and `x2_factor` β in [0, 1], MEFT's 0.1 each; `segment_size` k, blocks per replayed
     segment (default None: about √L, `coupling.default_segment_size`); `f_module`, F's trainable
     part: "lora" (default), "parallel_adapter", "prefix" or "dylora", each sized by `r` (designs and
-    departures from the original methods in `rev_f_modules`); `lora_alpha` only with "lora" and "dylora".
+    departures from the original methods in `f_modules`); `lora_alpha` only with "lora" and "dylora".
 
     `segment_size`: the forward stores both streams at the first block of every segment of k blocks,
     the backward replays one segment at a time. Live hidden-state tensors: about 2·⌈L/k⌉ + 2·k, least
@@ -121,36 +105,32 @@ def apply_rev(model: nn.Module, r: int = 64, *, lora_alpha: float | None = None,
     is then `<backbone>.<list>.0.blocks.i`); generation with a KV cache works through it, hidden
     states per block are not reported. Use `BKEngine(model, backward_passes=model.recommended_backward_passes)`.
     """
-    r = _check_size("r", r)
+    r = check_count(r, "rev: r", minimum=1)
     f_module = check_f_module(f_module)
     if lora_alpha is not None and f_module not in LORA_MODULES:
         raise ValueError(f"rev: lora_alpha applies to f_module {' or '.join(map(repr, LORA_MODULES))} only, "
                          f"not {f_module!r}")
-    adapter_size = _check_size("adapter_size", r if adapter_size is None else adapter_size)
+    adapter_size = check_count(r if adapter_size is None else adapter_size, "rev: adapter_size", minimum=1)
     alpha = r if lora_alpha is None else lora_alpha
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
-        raise ValueError(f"rev: lora_alpha must be a finite number > 0, got {lora_alpha!r}")
-    lam, beta = _check_factor("x1_factor", x1_factor), _check_factor("x2_factor", x2_factor)
+    check_real(alpha, "rev: lora_alpha", 0, math.inf, "()")  # checked, passed on as given (int or float)
+    # Nothing divides by λ or β (the backward replays, it does not invert): 0 is allowed. Above 1 a stream
+    # would grow geometrically with depth; no use for that was found, so it is refused.
+    lam, beta = check_real(x1_factor, "rev: x1_factor", 0, 1), check_real(x2_factor, "rev: x2_factor", 0, 1)
     if segment_size is not None:
-        _check_size("segment_size", segment_size)
-    placement = placement_of(model, "rev")
-    model_type = model.config.model_type
-    if model_type not in FAMILIES:
-        raise ValueError(f"rev: model_type {model_type!r} is not supported; supported: {', '.join(FAMILIES)}")
+        check_count(segment_size, "rev: segment_size", minimum=1)
+    layout = layout_of(model, "rev")
     if getattr(model.config, "add_cross_attention", False):
         raise ValueError("rev: models with cross-attention (config.add_cross_attention=True) are not supported")
     if any(isinstance(m, ReversibleStack) for m in model.modules()):
         raise ValueError("rev: the model is already reversible (apply_rev was applied before)")
-    list_path, attention, mlp, activation = FAMILIES[model_type]
-    blocks = model.base_model.get_submodule(list_path)
-
-    attention = install_f_module(model, blocks, f_module, attention, placement=placement, r=r, lora_alpha=alpha,
-                                 activation=activation)
+    blocks = model.base_model.get_submodule(layout.blocks)
+    attention, mlp = sublayers(layout)
+    attention = install_f_module(model, blocks, f_module, attention, layout=layout, r=r, lora_alpha=alpha)
     hidden = model.config.hidden_size
     for block in blocks:
-        projection = block.get_submodule(placement.mlp_output)
-        adapter = BottleneckAdapter(hidden, adapter_size, activation, next(projection.parameters()))
-        block.set_submodule(placement.mlp_output, AdaptedOutput(projection, adapter))
+        projection = block.get_submodule(layout.mlp_output)
+        adapter = BottleneckAdapter(hidden, adapter_size, layout.activation, next(projection.parameters()))
+        block.set_submodule(layout.mlp_output, AdaptedOutput(projection, adapter))
 
     freeze_all_but_head(model)
     for module in blocks.modules():
@@ -160,7 +140,7 @@ def apply_rev(model: nn.Module, r: int = 64, *, lora_alpha: float | None = None,
         elif isinstance(module, (BottleneckAdapter, ParallelPrefix)):  # G's adapters, F's parallel module
             module.requires_grad_(True)
 
-    parent_path, _, name = list_path.rpartition(".")
+    parent_path, _, name = layout.blocks.rpartition(".")
     parent = model.base_model.get_submodule(parent_path) if parent_path else model.base_model
     setattr(parent, name, nn.ModuleList([ReversibleStack(blocks, attention, mlp, lam, beta, segment_size)]))
     model.recommended_backward_passes = 2

@@ -15,6 +15,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from dpmemarc_core.models import kv_cache_argument
+from dpmemarc_core.privacy.settings import check_count
 
 
 @torch.no_grad()
@@ -22,8 +23,7 @@ def greedy_generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
                     max_new_tokens: int = 20, pad_token_id: int | None = None,
                     eos_token_id: int | list[int] | None = None) -> torch.Tensor:
     """[prompt | up to `max_new_tokens` greedy tokens] per row; rows that emitted EOS continue with padding."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    check_count(max_new_tokens, "max_new_tokens", minimum=1)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     stops = torch.tensor([] if eos_token_id is None else

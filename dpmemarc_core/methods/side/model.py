@@ -19,8 +19,13 @@ from dpmemarc_core.losses import causal_lm_loss_from_hidden, per_example_loss
 from dpmemarc_core.methods.side.families import Family, read_family
 from dpmemarc_core.methods.side.generate import greedy_generate
 from dpmemarc_core.methods.side.init import init_from_backbone, plan_pruning
-from dpmemarc_core.methods.side.network import LadderSideNetwork, allowed_keys, matmul_dtype
+from dpmemarc_core.methods.side.network import (
+    LadderSideNetwork,
+    allowed_keys,
+    matmul_dtype,
+)
 from dpmemarc_core.pooling import is_mean_pooled
+from dpmemarc_core.privacy.settings import check_count
 
 
 def _hidden_of(output: torch.Tensor | tuple) -> torch.Tensor:
@@ -153,8 +158,8 @@ def apply_side(model: nn.Module, reduction: int = 8, **options) -> SideTunedMode
         raise ValueError(f"side: unknown option(s) {sorted(options)}; accepted: reduction")
     family = read_family(model)
     sizes = {"hidden size": family.hidden, "attention head size": family.head_dim, "MLP size": family.ffn}
-    if isinstance(reduction, bool) or not isinstance(reduction, int) or reduction < 1 or any(
-            size % reduction for size in sizes.values()):
+    reduction = check_count(reduction, "side: reduction", minimum=1)
+    if any(size % reduction for size in sizes.values()):
         divisors = [r for r in range(1, family.head_dim + 1) if all(size % r == 0 for size in sizes.values())]
         raise ValueError(f"side: reduction must be an integer that divides {sizes}; accepted here: {divisors}, "
                          f"got {reduction!r}")
