@@ -565,9 +565,13 @@ class Footnotes:
         self.notes: list[str] = []
 
     def mark(self, text: str) -> str:
+        """A failed cell: 'n/a' with the reference to its note."""
+        return "n/a" + self.ref(text)
+
+    def ref(self, text: str) -> str:
         if text not in self.notes:
             self.notes.append(text)
-        return f"n/a[^{self.notes.index(text) + 1}]"
+        return f"[^{self.notes.index(text) + 1}]"
 
     def render(self) -> str:
         return "\n".join(f"[^{i}]: {note}" for i, note in enumerate(self.notes, 1))
@@ -583,19 +587,19 @@ def cell_value(cell: dict | None, read: Callable[[dict], float | None], fmt: str
     return "—" if value is None else format(value, fmt)
 
 
-def seed_text(cells: list[dict | None], summary: dict, fmt: str, notes: Footnotes, scale: float = 1.0) -> str:
+def seed_text(cells: list[dict | None], summary: dict, fmt: str, notes: Footnotes) -> str:
     """`summary` (of `summarize`) as 'mean ± sd', with '(n=k)' when fewer than all of `cells` (one per seed of
-    the config) are done; a footnoted n/a for seeds that failed; '…' when none has run."""
-    errors = [c for c in cells if c is not None and c.get("status") != "done"]
-    marks = "".join(notes.mark(c.get("error", "failed").splitlines()[0][:300]) for c in errors[:1])
+    the config) are done and a footnote with the error of a seed that failed; a footnoted n/a when every seed
+    that ran failed; '…' when none has run."""
+    errors = [c.get("error", "failed").splitlines()[0][:300] for c in cells if c is not None and c.get("status") != "done"]
     if summary["n"] == 0:
-        return marks or "…"
-    text = format(scale * summary["mean"], fmt)
+        return notes.mark(errors[0]) if errors else "…"
+    text = format(summary["mean"], fmt)
     if summary["sd"] is not None:
-        text += f" ± {format(scale * summary['sd'], fmt)}"
+        text += f" ± {format(summary['sd'], fmt)}"
     if summary["n"] < len(cells):
         text += f" (n={summary['n']})"
-    return text + (" " + marks if marks else "")
+    return text + (notes.ref(errors[0]) if errors else "")
 
 
 def seeds_note(config: dict) -> str:

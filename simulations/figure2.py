@@ -87,7 +87,7 @@ def render(config: dict, train_cells: dict, memory_cells: dict, summary: dict) -
     for name, variant in variants_of(config).items():
         prior = summary[name]["class_prior"]
         if prior is not None and prior["at_prior"]:
-            accuracy = "class prior" + notes.mark(
+            accuracy = "class prior" + notes.ref(
                 f"accuracy within {PRIOR_Z:g} binomial standard errors of the majority-class share of the evaluation "
                 f"examples ({100 * prior['majority_share']:.1f} %): the label frequencies, not the task, were learned")
         else:

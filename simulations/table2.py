@@ -97,7 +97,7 @@ def accuracy_text(config: dict, train_cells: dict, summary: dict, base: str, not
     """A cell at the class prior is labelled so, not shown as a result (its numbers stay in the JSON)."""
     prior = summary[base]["class_prior"]
     if prior is not None and prior["at_prior"]:
-        return "class prior" + notes.mark(prior_note)
+        return "class prior" + notes.ref(prior_note)
     return seed_text(seed_cells(train_cells, base, config), summary[base]["accuracy"], ".1f", notes)
 
 

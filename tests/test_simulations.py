@@ -148,6 +148,19 @@ def test_summarize_gives_mean_sample_sd_and_each_seed_value_of_done_cells():
     assert summarize([None], lambda c: 1.0) == {"mean": None, "sd": None, "n": 0, "values": {}}
 
 
+def test_seed_text_shows_mean_sd_and_says_which_seeds_are_missing_or_failed():
+    notes = common.Footnotes()
+
+    def text(cells: list) -> str:
+        return common.seed_text(cells, summarize(cells, lambda c: 100 * c["metrics"]["accuracy"]), ".1f", notes)
+
+    failed = {"settings": {"seed": 1}, "status": "error", "error": "RuntimeError: out of memory\ntraceback"}
+    assert text([done_cell(0, 0.6), done_cell(1, 0.62), done_cell(2, 0.64)]) == "62.0 ± 2.0"
+    assert text([done_cell(0, 0.6), failed, None]) == "60.0 (n=1)[^1]"
+    assert text([None, failed, None]) == "n/a[^1]" and text([None, None]) == "…"
+    assert notes.notes == ["RuntimeError: out of memory"]
+
+
 def test_welch_interval_matches_scipy_and_a_hand_computation():
     from scipy import stats
 
