@@ -604,9 +604,10 @@ def seed_text(cells: list[dict | None], summary: dict, fmt: str, notes: Footnote
 
 def seeds_note(config: dict) -> str:
     seeds = config["seeds"]
-    return (f"Every trained number: mean ± sample standard deviation over {len(seeds)} seed(s) {seeds} (a seed "
-            "fixes the initialisation and the data split or subset; the Poisson batches and the noise are fresh "
-            "OS entropy in every run); '(n=k)': only k seeds finished so far. Per-seed values are in the JSON.")
+    draws = ("a single draw (no standard deviation)" if len(seeds) == 1 else
+             f"mean ± sample standard deviation over {len(seeds)} seeds {seeds}; '(n=k)': only k seeds finished so far")
+    return (f"Every trained number: {draws}. A seed fixes the initialisation and the data split or subset; the "
+            "Poisson batches and the noise are fresh OS entropy in every run. Per-seed values are in the JSON.")
 
 
 def evaluation_note(cells: Iterable[dict]) -> str:

@@ -132,8 +132,15 @@ def plot(config: dict, summary: dict, memory_cells: dict, path: Path) -> None:
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
     positions = list(range(len(labels)))
     means = [a["mean"] for a in accuracy]
+    priors = [summary[name]["class_prior"] for name in variants]
+    at_prior = [p is not None and p["at_prior"] for p in priors]
     axes[0].bar(positions, [m or 0.0 for m in means], yerr=[a["sd"] or 0.0 for a in accuracy], capsize=4,
-                color=["tab:blue" if m is not None else "lightgray" for m in means])
+                color=["tab:blue" if m is not None and not low else "lightgray" for m, low in zip(means, at_prior)])
+    shares = [100 * p["majority_share"] for p in priors if p is not None]
+    if shares:
+        axes[0].axhline(sum(shares) / len(shares), color="tab:red", linestyle="--", linewidth=1,
+                        label="majority-class share (gray bars: within its sampling noise)")
+        axes[0].legend(fontsize=8, loc="lower right")
     for x, a in zip(positions, accuracy):
         axes[0].scatter([x] * a["n"], list(a["values"].values()), color="black", s=10, zorder=3)
         text = "n/a" if a["mean"] is None else f"{a['mean']:.1f}" + (f" ± {a['sd']:.1f}" if a["sd"] is not None else "")

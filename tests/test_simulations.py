@@ -305,7 +305,7 @@ def test_table2_offline_writes_cells_per_seed_markdown_with_paper_numbers_and_re
     markdown = (out / "table2.md").read_text()
     assert "(96.25)" in markdown and "(7.12)" in markdown and "PromptDPSGD" in markdown  # the paper's, beside ours
     assert "n/a[^" in markdown and "unknown method" in markdown  # the failed cell's reason, as a footnote
-    assert "2 seed(s) [0, 1]" in markdown and "synthetic n = 8" in markdown
+    assert "over 2 seeds [0, 1]" in markdown and "synthetic n = 8" in markdown
     # 8 evaluation examples cannot tell a trained tiny model from the class prior: labelled so, not shown as a result
     prior = summary["class_prior"]["at_prior"]
     ours = f"{summary['accuracy']['mean']:.1f} ± {summary['accuracy']['sd']:.1f}"
