@@ -1,8 +1,11 @@
-"""What every table/figure script shares: command line, TOML configs, resumable cells, memory cells.
+"""What every table/figure script shares: command line, TOML configs, resumable cells, memory cells, and the
+statistics over seeds.
 
-A *cell* is one unit of work (one training run, one memory simulation) stored as one JSON file, written
-atomically. A re-run loads cells whose status is "done" and runs the rest (failed cells are retried: the
-failure may have been a library gap since filled). Scripts turn the cells into Markdown and PNG.
+A *cell* is one unit of work (one training run of one seed, one memory simulation) stored as one JSON file,
+written atomically. A re-run loads cells whose status is "done" and runs the rest (failed cells are retried:
+the failure may have been a library gap since filled), in parallel processes with ``--jobs``. Scripts turn
+the cells into Markdown and PNG: every trained number is the mean over the config's ``seeds`` with its sample
+standard deviation. A seed fixes initialisation and data split only; batches and noise come from OS entropy.
 """
 
 from __future__ import annotations
@@ -11,22 +14,27 @@ import argparse
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import shlex
+import statistics
 import sys
 import tempfile
 import time
 import tomllib
 import traceback
 from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 SIMULATIONS_DIR = Path(__file__).resolve().parent
 CONFIG_DIR = SIMULATIONS_DIR / "configs"
 DEFAULT_RESULTS = SIMULATIONS_DIR.parent / "results"
 SCALES = ("paper", "offline")
 TRAIN_KEYS = {"model", "tasks", "paper_columns", "methods", "epsilons", "batch_size", "lr", "max_length", "max_train",
-              "max_eval", "max_steps", "epochs", "seed", "physical_batch_size", "device", "method_options",
+              "max_eval", "max_steps", "epochs", "seeds", "physical_batch_size", "device", "method_options",
               "method_lr", "max_grad_norm", "eval_every", "zo_params", "delta"}
 
 
@@ -53,6 +61,11 @@ def parse_args(name: str, description: str, argv: list[str] | None) -> argparse.
     parser.add_argument("--methods", type=_names, default=None, help="run only these methods (comma-separated)")
     parser.add_argument("--epsilons", type=_names, default=None,
                         help="run only these ε columns, e.g. 8,inf (comma-separated); the table shows every cell done")
+    parser.add_argument("--seeds", type=_seeds, default=None,
+                        help="run only these of the config's seeds, e.g. 0 (comma-separated); the table shows every "
+                             "seed done")
+    parser.add_argument("--jobs", type=_positive, default=1,
+                        help="cells trained at once, each in its own process with cores/jobs torch threads")
     parser.add_argument("--report", action="store_true",
                         help="run nothing: write the table (and figure) from the cells finished so far")
     args = parser.parse_args(argv)
@@ -68,14 +81,28 @@ def _names(text: str) -> list[str]:
     return names
 
 
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(name) for name in _names(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integer seeds, got {text!r}") from None
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
 def selection(args: argparse.Namespace) -> Callable[[dict], bool]:
-    """Whether a cell (by its fields) is among those asked for with --tasks / --methods / --epsilons."""
+    """Whether a cell (by its fields) is among those asked for with --tasks / --methods / --epsilons / --seeds."""
     epsilons = None if args.epsilons is None else {epsilon_key(float(e)) for e in args.epsilons}
 
     def selected(fields: dict) -> bool:
         return not args.report and ((args.tasks is None or fields.get("task") in args.tasks)
                 and (args.methods is None or fields.get("method") in args.methods)
-                and (epsilons is None or fields.get("epsilon_target") in epsilons))
+                and (epsilons is None or fields.get("epsilon_target") in epsilons)
+                and (args.seeds is None or fields.get("settings", {}).get("seed") in args.seeds))
 
     return selected
 
@@ -113,6 +140,10 @@ def load_config(path: Path, scale: str, quick: bool = False) -> dict:
     for epsilon in merged["epsilons"]:
         if not (isinstance(epsilon, (int, float)) and epsilon > 0):
             raise ValueError(f"{path}: epsilons must be numbers > 0 (inf for non-private), got {epsilon!r}")
+    seeds = merged.setdefault("seeds", [0])
+    if not (isinstance(seeds, list) and seeds and all(type(seed) is int for seed in seeds)
+            and len(set(seeds)) == len(seeds)):
+        raise ValueError(f"{path}: seeds must be a non-empty list of distinct integers, got {seeds!r}")
     extra = {k: v for k, v in raw.items() if k not in ("common", "paper", "offline", "quick")}
     return {**merged, **extra, "scale": scale, "quick": quick, "config_path": str(path)}
 
@@ -175,40 +206,98 @@ def fingerprint(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def run_cells(store: CellStore, jobs: Iterable[tuple[str, dict, Callable[[], dict]]],
-              selected: Callable[[dict], bool] = lambda fields: True) -> dict[str, dict]:
-    """Run each selected (cell id, identifying fields, work) whose stored cell is not done; returns every
-    stored cell of `jobs` by id (also those not selected this time).
+class Job(NamedTuple):
+    """One cell to run: its id, the fields that define it (their fingerprint decides whether a stored cell is
+    still valid) and the work that computes it. ``work`` must pickle (a module-level function or a partial of
+    one) to run in another process. ``legacy_id``: where the same cell was stored before the seeds axis (one
+    draw per cell, no seed in its id); a stored cell there counts as this seed's draw only if its fingerprint
+    matches, which includes the seed."""
+
+    cell_id: str
+    fields: dict
+    work: Callable[[], dict]
+    legacy_id: str | None = None
+
+
+def stored_cell(store: CellStore, job: Job) -> dict | None:
+    """The stored cell of `job` if it was made with the job's settings (under its id or its legacy id)."""
+    cell = store.load(job.cell_id)
+    if cell is None and job.legacy_id is not None:
+        cell = store.load(job.legacy_id)
+        if cell is not None:
+            cell = {**cell, "id": job.cell_id, "legacy_id": job.legacy_id}
+    return cell if cell is not None and cell.get("fingerprint") == fingerprint(job.fields) else None
+
+
+def run_cell(directory: Path, cell_id: str, fields: dict, work: Callable[[], dict]) -> dict:
+    """Run one cell and store it; a job that raises becomes a cell with status "error" and the message."""
+    start = time.perf_counter()
+    try:
+        cell = {"id": cell_id, **fields, "status": "done", **work()}
+    except Exception as error:  # noqa: BLE001 - recorded in the cell and shown in the table
+        traceback.print_exc()
+        cell = {"id": cell_id, **fields, "status": "error", "error": f"{type(error).__name__}: {error}"}
+    cell["seconds"] = time.perf_counter() - start
+    cell["finished_at"] = time.time()
+    CellStore(directory).save(cell)
+    return cell
+
+
+def _worker_threads(threads: int) -> None:
+    import torch
+    torch.set_num_threads(threads)
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def run_cells(store: CellStore, jobs: Iterable[Job | tuple], selected: Callable[[dict], bool] = lambda fields: True,
+              processes: int = 1) -> dict[str, dict]:
+    """Run each selected job whose stored cell is not done; returns every stored cell of `jobs` by id (also those
+    not selected this time). Jobs are `Job`s or (cell id, fields, work) tuples.
 
     A job that raises becomes a cell with status "error" and the message, so one unsupported combination
-    (a method a tool cannot run) does not stop the table; it is retried on the next run.
+    (a method a tool cannot run) does not stop the table; it is retried on the next run. ``processes`` > 1
+    runs that many cells at once, each in a fresh (spawned) process with the cores split among them.
     """
-    jobs = list(jobs)
+    jobs = everything = [Job(*job) for job in jobs]
     cells = {}
-    for cell_id, fields, _ in jobs:  # cells not run now: shown only if made with the current settings
-        stored = None if selected(fields) else store.load(cell_id)
-        if stored is not None and stored.get("fingerprint") == fingerprint(fields):
-            cells[cell_id] = stored
-    jobs = [job for job in jobs if selected(job[1])]
-    for number, (cell_id, fields, work) in enumerate(jobs, 1):
-        stored = store.load(cell_id)
-        fields = {**fields, "fingerprint": fingerprint(fields)}
-        if stored is not None and stored.get("status") == "done" and stored.get("fingerprint") == fields["fingerprint"]:
-            print(f"[{number}/{len(jobs)}] {cell_id}: done earlier, skipped", flush=True)
-            cells[cell_id] = stored
-            continue
-        print(f"[{number}/{len(jobs)}] {cell_id}: running", flush=True)
-        start = time.perf_counter()
-        try:
-            cell = {"id": cell_id, **fields, "status": "done", **work()}
-        except Exception as error:  # noqa: BLE001 - recorded in the cell and shown in the table
-            traceback.print_exc()
-            cell = {"id": cell_id, **fields, "status": "error", "error": f"{type(error).__name__}: {error}"}
-        cell["seconds"] = time.perf_counter() - start
-        store.save(cell)
-        print(f"[{number}/{len(jobs)}] {cell_id}: {cell['status']} in {cell['seconds']:.0f} s", flush=True)
-        cells[cell_id] = cell
-    return cells
+    for job in jobs:  # cells not run now: shown only if made with the current settings
+        stored = None if selected(job.fields) else stored_cell(store, job)
+        if stored is not None:
+            cells[job.cell_id] = stored
+    jobs = [job for job in jobs if selected(job.fields)]
+    pending = []
+    for number, job in enumerate(jobs, 1):
+        stored = stored_cell(store, job)
+        if stored is not None and stored.get("status") == "done":
+            print(f"[{number}/{len(jobs)}] {job.cell_id}: done earlier, skipped", flush=True)
+            cells[job.cell_id] = stored
+        else:
+            pending.append((number, job))
+
+    def finished(number: int, cell: dict) -> None:
+        print(f"[{number}/{len(jobs)}] {cell['id']}: {cell['status']} in {cell['seconds']:.0f} s", flush=True)
+        cells[cell["id"]] = cell
+
+    def arguments(job: Job) -> tuple:
+        return store.directory, job.cell_id, {**job.fields, "fingerprint": fingerprint(job.fields)}, job.work
+
+    if processes <= 1 or len(pending) <= 1:
+        for number, job in pending:
+            print(f"[{number}/{len(jobs)}] {job.cell_id}: running", flush=True)
+            finished(number, run_cell(*arguments(job)))
+        return {job.cell_id: cells[job.cell_id] for job in everything if job.cell_id in cells}
+    threads = max(1, available_cores() // processes)
+    print(f"running {len(pending)} cell(s), {processes} at a time, {threads} torch thread(s) each", flush=True)
+    # spawn, not fork: a forked child of a process that has used torch's OpenMP pool can hang.
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_worker_threads, initargs=(threads,)) as pool:
+        futures = {pool.submit(run_cell, *arguments(job)): number for number, job in pending}
+        for future in as_completed(futures):
+            finished(futures[future], future.result())
+    return {job.cell_id: cells[job.cell_id] for job in everything if job.cell_id in cells}
 
 
 # ---- training cells -------------------------------------------------------------------------------------
@@ -233,23 +322,73 @@ def train_config(config: dict, task: str, method: str, epsilon: float, **overrid
 
 
 def train_cell(config: dict, task: str, method: str, epsilon: float, **overrides) -> dict:
-    """Train and evaluate one cell; keeps what the tables and a reader need from train()'s summary."""
+    """Train and evaluate one cell; keeps what the tables and a reader need from train()'s summary, and for
+    classification the evaluation set's label counts (the class prior a model that learned nothing reaches)."""
+    from dpmemarc_core.data import task_kind_of
     from dpmemarc_core.single_site import train
-    summary = train(train_config(config, task, method, epsilon, **overrides))
+    cfg = train_config(config, task, method, epsilon, **overrides)
+    summary = train(cfg)
     keep = ("metrics", "metrics_before", "epsilon", "delta", "noise_multiplier", "sample_rate", "steps",
             "train_examples", "eval_examples", "trainable_parameters", "non_private_diagnostics", "config")
-    return {k: summary[k] for k in keep if k in summary}
+    cell = {k: summary[k] for k in keep if k in summary}
+    if task_kind_of(task) == "classification":
+        cell["eval_label_counts"] = eval_label_counts(cfg)
+    return cell
 
 
-def training_jobs(config: dict, tasks: list[str] | None = None) -> list[tuple[str, dict, Callable[[], dict]]]:
+def eval_label_counts(cfg) -> dict[str, int]:
+    """How many evaluation examples of a run (`TrainConfig`) carry each label: the same split and subset train()
+    evaluates on, since the seed draws them."""
+    from collections import Counter
+
+    from transformers import AutoTokenizer
+
+    from dpmemarc_core.data import load_task
+    from dpmemarc_core.models import resolve
+    tokenizer = AutoTokenizer.from_pretrained(resolve(cfg.model))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    task = load_task(cfg.task, tokenizer, max_length=cfg.max_length, max_train=cfg.max_train, max_eval=cfg.max_eval,
+                     seed=cfg.seed, eval_only=True, validation=cfg.validation)
+    counts = Counter(example["labels"] for example in task.eval)
+    return {str(label): counts[label] for label in sorted(counts)}
+
+
+def with_seed(config: dict, seed: int) -> dict:
+    """The config of one seed's cells (`train_settings` reads `seed`)."""
+    return {**config, "seed": seed}
+
+
+def seed_of(cell: dict) -> int:
+    return cell["settings"]["seed"]
+
+
+def seeded_id(base: str, seed: int) -> str:
+    return f"{base}__seed{seed}"
+
+
+def group_id(task: str, method: str, epsilon: float) -> str:
+    """The id of a (task, method, ε) cell of a table, before the seed (the id of single-draw cells)."""
+    return f"{task}__{method}__eps{epsilon_key(epsilon)}"
+
+
+def seed_cells(cells: dict, base: str, config: dict) -> list[dict | None]:
+    """The stored cells of `base` for each of the config's seeds (None where not run yet)."""
+    return [cells.get(seeded_id(base, seed)) for seed in config["seeds"]]
+
+
+def training_jobs(config: dict, tasks: list[str] | None = None) -> list[Job]:
     jobs = []
     for task in tasks or config["tasks"]:
         for method in config["methods"]:
             for epsilon in config["epsilons"]:
-                cell_id = f"{task}__{method}__eps{epsilon_key(epsilon)}"
-                fields = {"task": task, "method": method, "epsilon_target": epsilon_key(epsilon),
-                          "model": config["model"], "settings": train_settings(config, task, method, epsilon)}
-                jobs.append((cell_id, fields, lambda t=task, m=method, e=epsilon: train_cell(config, t, m, e)))
+                for seed in config["seeds"]:
+                    seeded = with_seed(config, seed)
+                    base = group_id(task, method, epsilon)
+                    fields = {"task": task, "method": method, "epsilon_target": epsilon_key(epsilon),
+                              "model": config["model"], "settings": train_settings(seeded, task, method, epsilon)}
+                    jobs.append(Job(seeded_id(base, seed), fields, partial(train_cell, seeded, task, method, epsilon),
+                                    legacy_id=base))
     return jobs
 
 
@@ -330,6 +469,92 @@ def memory_store(results: Path) -> CellStore:
     return CellStore(results / "memory")
 
 
+# ---- statistics over seeds ------------------------------------------------------------------------------
+
+
+def summarize(cells: Iterable[dict | None], read: Callable[[dict], float | None]) -> dict:
+    """`read` over the cells that are done: mean, sample standard deviation (None for one value), n, and each
+    seed's value (keyed by the seed, as JSON keys are strings)."""
+    values = {str(seed_of(cell)): read(cell) for cell in cells if cell is not None and cell.get("status") == "done"}
+    values = {seed: value for seed, value in values.items() if value is not None}
+    data = list(values.values())
+    return {"mean": statistics.fmean(data) if data else None, "sd": statistics.stdev(data) if len(data) > 1 else None,
+            "n": len(data), "values": values}
+
+
+def welch_interval(a: list[float], b: list[float], level: float = 0.95) -> dict | None:
+    """mean(a) - mean(b) with its Welch t interval (unequal variances, Welch-Satterthwaite degrees of freedom);
+    None with fewer than two values on either side. Values that do not vary give a zero-width interval."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    from scipy import stats
+
+    difference = statistics.fmean(a) - statistics.fmean(b)
+    var_a, var_b = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    se = math.sqrt(var_a + var_b)
+    if se == 0:
+        return {"difference": difference, "low": difference, "high": difference, "df": None, "level": level}
+    df = (var_a + var_b) ** 2 / (var_a ** 2 / (len(a) - 1) + var_b ** 2 / (len(b) - 1))
+    half = float(stats.t.ppf(0.5 + level / 2, df)) * se
+    return {"difference": difference, "low": difference - half, "high": difference + half, "df": df, "level": level}
+
+
+def margin_verdict(interval: dict | None, margin: float) -> str:
+    """The claim "a is at most `margin` below b", judged on the interval of mean(a) - mean(b)."""
+    if interval is None:
+        return "cannot be told apart at this size (needs at least 2 seeds of each)"
+    if interval["low"] >= -margin:
+        return "holds"
+    if interval["high"] < -margin:
+        return "fails"
+    return "cannot be told apart at this size"
+
+
+def sign_verdict(interval: dict | None, higher: str, lower: str) -> str:
+    """Whether mean(a) - mean(b) is told apart from zero by its interval."""
+    if interval is None:
+        return "cannot be told apart at this size (needs at least 2 seeds of each)"
+    if interval["low"] > 0:
+        return higher
+    if interval["high"] < 0:
+        return lower
+    return "cannot be told apart at this size"
+
+
+PRIOR_Z = 1.96  # binomial standard errors (95 %): "within the sampling noise" of the majority-class share
+
+
+def class_prior(cells: Iterable[dict | None]) -> dict | None:
+    """Whether the mean accuracy of the done cells sits at the majority-class share of their evaluation sets:
+    within PRIOR_Z binomial standard errors of what always answering the majority class scores there (each
+    seed draws its own evaluation set). None when no done cell recorded its label counts."""
+    done = [c for c in cells if c is not None and c.get("status") == "done" and c.get("eval_label_counts")]
+    if not done:
+        return None
+    shares = [max(c["eval_label_counts"].values()) / sum(c["eval_label_counts"].values()) for c in done]
+    sizes = [sum(c["eval_label_counts"].values()) for c in done]
+    accuracy = statistics.fmean(c["metrics"]["accuracy"] for c in done)
+    share = statistics.fmean(shares)
+    noise = PRIOR_Z * math.sqrt(sum(p * (1 - p) / n for p, n in zip(shares, sizes))) / len(done)
+    return {"majority_share": share, "accuracy": accuracy, "noise": noise, "n_seeds": len(done),
+            "eval_examples": sizes, "at_prior": abs(accuracy - share) <= noise}
+
+
+def timing(started: float, started_at: float, processes: int, cells: Iterable[dict]) -> dict:
+    """Wall time of this invocation and the run time of every trained cell shown (summed over the runs that
+    made them). `started` is a perf_counter reading, `started_at` the wall clock then."""
+    cells = list(cells)
+    return {"wall_seconds": time.perf_counter() - started, "jobs": processes,
+            "cells_run": sum(1 for c in cells if c.get("finished_at", 0.0) >= started_at),
+            "cells_shown": len(cells), "cell_seconds_shown": sum(c.get("seconds", 0.0) for c in cells)}
+
+
+def timing_line(name: str, record: dict) -> str:
+    return (f"{name}: {record['cells_run']} cell(s) run in {record['wall_seconds']:.0f} s wall with --jobs "
+            f"{record['jobs']}; the {record['cells_shown']} trained cell(s) shown took "
+            f"{record['cell_seconds_shown'] / 60:.1f} min (each cell's own wall time, summed)")
+
+
 # ---- Markdown -------------------------------------------------------------------------------------------
 
 
@@ -340,9 +565,13 @@ class Footnotes:
         self.notes: list[str] = []
 
     def mark(self, text: str) -> str:
+        """A failed cell: 'n/a' with the reference to its note."""
+        return "n/a" + self.ref(text)
+
+    def ref(self, text: str) -> str:
         if text not in self.notes:
             self.notes.append(text)
-        return f"n/a[^{self.notes.index(text) + 1}]"
+        return f"[^{self.notes.index(text) + 1}]"
 
     def render(self) -> str:
         return "\n".join(f"[^{i}]: {note}" for i, note in enumerate(self.notes, 1))
@@ -356,6 +585,41 @@ def cell_value(cell: dict | None, read: Callable[[dict], float | None], fmt: str
         return notes.mark(cell.get("error", "failed").splitlines()[0][:300])
     value = read(cell)
     return "—" if value is None else format(value, fmt)
+
+
+def seed_text(cells: list[dict | None], summary: dict, fmt: str, notes: Footnotes) -> str:
+    """`summary` (of `summarize`) as 'mean ± sd', with '(n=k)' when fewer than all of `cells` (one per seed of
+    the config) are done and a footnote with the error of a seed that failed; a footnoted n/a when every seed
+    that ran failed; '…' when none has run."""
+    errors = [c.get("error", "failed").splitlines()[0][:300] for c in cells if c is not None and c.get("status") != "done"]
+    if summary["n"] == 0:
+        return notes.mark(errors[0]) if errors else "…"
+    text = format(summary["mean"], fmt)
+    if summary["sd"] is not None:
+        text += f" ± {format(summary['sd'], fmt)}"
+    if summary["n"] < len(cells):
+        text += f" (n={summary['n']})"
+    return text + (notes.ref(errors[0]) if errors else "")
+
+
+def seeds_note(config: dict) -> str:
+    seeds = config["seeds"]
+    draws = ("a single draw (no standard deviation)" if len(seeds) == 1 else
+             f"mean ± sample standard deviation over {len(seeds)} seeds {seeds}; '(n=k)': only k seeds finished so far")
+    return (f"Every trained number: {draws}. A seed fixes the initialisation and the data split or subset; the "
+            "Poisson batches and the noise are fresh OS entropy in every run. Per-seed values are in the JSON.")
+
+
+def evaluation_note(cells: Iterable[dict]) -> str:
+    """The evaluation set sizes of the done cells, per task."""
+    sizes: dict[str, set] = {}
+    for cell in cells:
+        if cell.get("status") == "done" and "eval_examples" in cell:
+            sizes.setdefault(cell["task"], set()).add(cell["eval_examples"])
+    if not sizes:
+        return ""
+    return "Evaluation examples per seed: " + "; ".join(
+        f"{task} n = {' / '.join(str(n) for n in sorted(ns))}" for task, ns in sizes.items()) + "."
 
 
 def with_paper(ours: str, paper: float | None, fmt: str) -> str:

@@ -4,18 +4,25 @@
     python -m simulations.figure2 --quick
     python -m simulations.figure2 --scale paper       # RoBERTa-large on SST-2 (hub, GPU)
 
-Bars: accuracy after training and simulated training memory of the paper's model, one pair per variant.
+Bars: accuracy after training (mean ± sd over the config's seeds, each seed a dot) and simulated training
+memory of the paper's model, one pair per variant.
 """
 
 from __future__ import annotations
 
+import time
+from functools import partial
 from pathlib import Path
 
 from simulations import paper_numbers
 from simulations.common import (
+    PRIOR_Z,
     CellStore,
     Footnotes,
+    Job,
     cell_value,
+    class_prior,
+    evaluation_note,
     load_config,
     markdown_table,
     memory_cell_id,
@@ -28,9 +35,17 @@ from simulations.common import (
     run_cells,
     run_name,
     scale_note,
+    seed_cells,
+    seed_text,
+    seeded_id,
+    seeds_note,
     selection,
+    summarize,
+    timing,
+    timing_line,
     train_cell,
     train_settings,
+    with_seed,
     write_outputs,
 )
 
@@ -54,12 +69,29 @@ def variant_memory_spec(config: dict, options: dict) -> dict:
     return {**memory_spec(config, "rev", EPSILON), "method_options": dict(options)}
 
 
-def render(config: dict, train_cells: dict, memory_cells: dict) -> str:
+def summarize_cells(config: dict, train_cells: dict) -> dict:
+    """Per variant: accuracy over the seeds, each seed's evaluation size, and whether it sits at the class prior."""
+    out = {}
+    for name in variants_of(config):
+        cells = seed_cells(train_cells, name, config)
+        out[name] = {"accuracy": summarize(cells, lambda c: 100.0 * c["metrics"]["accuracy"]),
+                     "eval_examples": summarize(cells, lambda c: c.get("eval_examples"))["values"],
+                     "class_prior": class_prior(cells)}
+    return out
+
+
+def render(config: dict, train_cells: dict, memory_cells: dict, summary: dict) -> str:
     notes = Footnotes()
     (task,) = config["tasks"]
     rows = []
     for name, variant in variants_of(config).items():
-        accuracy = cell_value(train_cells.get(name), lambda c: 100.0 * c["metrics"]["accuracy"], ".2f", notes)
+        prior = summary[name]["class_prior"]
+        if prior is not None and prior["at_prior"]:
+            accuracy = "class prior" + notes.ref(
+                f"accuracy within {PRIOR_Z:g} binomial standard errors of the majority-class share of the evaluation "
+                f"examples ({100 * prior['majority_share']:.1f} %): the label frequencies, not the task, were learned")
+        else:
+            accuracy = seed_text(seed_cells(train_cells, name, config), summary[name]["accuracy"], ".1f", notes)
         memory = cell_value(memory_cells.get(memory_cell_id(variant_memory_spec(config, variant["options"]))),
                             lambda c: c["peak_gib"], ".2f", notes)
         rows.append([variant["label"], accuracy, memory])
@@ -67,8 +99,11 @@ def render(config: dict, train_cells: dict, memory_cells: dict) -> str:
         f"## Figure 2: MemDPT_rev with different F sub-functions ({config['model']} on {task}, ε=8)",
         "",
         scale_note(config),
-        f"Memory: simulated peak GiB of {config['memory']['model']} at B={config['memory'].get('batch_size', 32)}, "
-        f"T={config['memory'].get('seq_len', 128)}, {config['memory'].get('precision', 'bf16')} (reads 5-15 % low).",
+        seeds_note(config),
+        evaluation_note(train_cells.values()),
+        (f"Memory: simulated peak GiB of {config['memory']['model']} at B={config['memory'].get('batch_size', 32)}, "
+         f"T={config['memory'].get('seq_len', 128)}, {config['memory'].get('precision', 'bf16')} (reads 5-15 % low; "
+         "deterministic, no seeds)."),
         f"Paper: {paper_numbers.FIGURE2_TEXT}",
         "",
         markdown_table(["F", "Accuracy %", "Memory GiB"], rows),
@@ -80,7 +115,8 @@ def render(config: dict, train_cells: dict, memory_cells: dict) -> str:
     return "\n".join(parts) + "\n"
 
 
-def plot(config: dict, train_cells: dict, memory_cells: dict, path: Path) -> None:
+def plot(config: dict, summary: dict, memory_cells: dict, path: Path) -> None:
+    """Bars of mean accuracy with ± sd error bars and each seed's value as a dot; memory bars beside them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -88,26 +124,36 @@ def plot(config: dict, train_cells: dict, memory_cells: dict, path: Path) -> Non
 
     variants = variants_of(config)
     labels = [v["label"] for v in variants.values()]
-
-    def values(read) -> list[float | None]:
-        out = []
-        for cell in read:
-            out.append(cell[1](cell[0]) if cell[0] and cell[0].get("status") == "done" else None)
-        return out
-
-    accuracy = values([(train_cells.get(n), lambda c: 100.0 * c["metrics"]["accuracy"]) for n in variants])
-    memory = values([(memory_cells.get(memory_cell_id(variant_memory_spec(config, v["options"]))),
-                      lambda c: c["peak_gib"]) for v in variants.values()])
+    accuracy = [summary[name]["accuracy"] for name in variants]
+    memory = []
+    for variant in variants.values():
+        cell = memory_cells.get(memory_cell_id(variant_memory_spec(config, variant["options"])))
+        memory.append(cell["peak_gib"] if cell and cell.get("status") == "done" else None)
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for axis, data, title in ((axes[0], accuracy, f"accuracy % ({config['model']}, {config['tasks'][0]})"),
-                              (axes[1], memory, f"simulated training memory GiB ({config['memory']['model']})")):
-        positions = range(len(labels))
-        axis.bar(positions, [d or 0.0 for d in data], color=["tab:blue" if d is not None else "lightgray" for d in data])
-        for x, d in zip(positions, data):
-            axis.text(x, d or 0.0, f"{d:.2f}" if d is not None else "n/a", ha="center", va="bottom", fontsize=9)
-        axis.set_xticks(list(positions), labels, rotation=15)
-        axis.set_title(title, fontsize=10)
-    figure.suptitle("MemDPT_rev: sub-function F at ε = 8 (n/a: variant not available)")
+    positions = list(range(len(labels)))
+    means = [a["mean"] for a in accuracy]
+    priors = [summary[name]["class_prior"] for name in variants]
+    at_prior = [p is not None and p["at_prior"] for p in priors]
+    axes[0].bar(positions, [m or 0.0 for m in means], yerr=[a["sd"] or 0.0 for a in accuracy], capsize=4,
+                color=["tab:blue" if m is not None and not low else "lightgray" for m, low in zip(means, at_prior)])
+    shares = [100 * p["majority_share"] for p in priors if p is not None]
+    if shares:
+        axes[0].axhline(sum(shares) / len(shares), color="tab:red", linestyle="--", linewidth=1,
+                        label="majority-class share (gray bars: within its sampling noise)")
+        axes[0].legend(fontsize=8, loc="lower right")
+    for x, a in zip(positions, accuracy):
+        axes[0].scatter([x] * a["n"], list(a["values"].values()), color="black", s=10, zorder=3)
+        text = "n/a" if a["mean"] is None else f"{a['mean']:.1f}" + (f" ± {a['sd']:.1f}" if a["sd"] is not None else "")
+        axes[0].text(x, (a["mean"] or 0.0) + (a["sd"] or 0.0), text, ha="center", va="bottom", fontsize=9)
+    axes[1].bar(positions, [m or 0.0 for m in memory],
+                color=["tab:blue" if m is not None else "lightgray" for m in memory])
+    for x, m in zip(positions, memory):
+        axes[1].text(x, m or 0.0, f"{m:.2f}" if m is not None else "n/a", ha="center", va="bottom", fontsize=9)
+    axes[0].set_title(f"accuracy % ({config['model']}, {config['tasks'][0]}), mean ± sd over seeds", fontsize=10)
+    axes[1].set_title(f"simulated training memory GiB ({config['memory']['model']})", fontsize=10)
+    for axis in axes:
+        axis.set_xticks(positions, labels, rotation=15)
+    figure.suptitle("MemDPT_rev: sub-function F at ε = 8 (dots: seeds; n/a: variant not available)")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -115,6 +161,7 @@ def plot(config: dict, train_cells: dict, memory_cells: dict, path: Path) -> Non
 
 
 def main(argv: list[str] | None = None) -> int:
+    started, started_at = time.perf_counter(), time.time()
     args = parse_args(NAME, __doc__.splitlines()[0], argv)
     config = load_config(args.config, args.scale, args.quick)
     if len(config["tasks"]) != 1:
@@ -128,16 +175,23 @@ def main(argv: list[str] | None = None) -> int:
                              memory_jobs(variant_memory_spec(config, v["options"]) for v in variants.values()),
                              memory_selection(args))
     task = config["tasks"][0]
-    jobs = [(name, {"task": task, "variant": variant["label"],
-                    "settings": train_settings(config, task, "rev", EPSILON,
-                                              method_options=variant_train_options(config, variant["options"]))},
-             lambda o=variant_train_options(config, variant["options"]): train_cell(config, task, "rev", EPSILON,
-                                                                                  method_options=o))
-            for name, variant in variants.items()]
-    train_cells = run_cells(CellStore(out / "cells"), jobs, selection(args))
-    write_outputs(out, NAME, {"config": config, "train": train_cells, "memory": memory_cells},
-                  render(config, train_cells, memory_cells))
-    plot(config, train_cells, memory_cells, out / f"{NAME}.png")
+    jobs = []
+    for name, variant in variants.items():
+        options = variant_train_options(config, variant["options"])
+        for seed in config["seeds"]:
+            seeded = with_seed(config, seed)
+            fields = {"task": task, "variant": variant["label"],
+                      "settings": train_settings(seeded, task, "rev", EPSILON, method_options=options)}
+            jobs.append(Job(seeded_id(name, seed), fields,
+                            partial(train_cell, seeded, task, "rev", EPSILON, method_options=options), legacy_id=name))
+    train_cells = run_cells(CellStore(out / "cells"), jobs, selection(args), args.jobs)
+    summary = summarize_cells(config, train_cells)
+    record = timing(started, started_at, args.jobs, train_cells.values())
+    write_outputs(out, NAME, {"config": config, "summary": summary, "train": train_cells, "memory": memory_cells,
+                              "timing": record},
+                  render(config, train_cells, memory_cells, summary))
+    plot(config, summary, memory_cells, out / f"{NAME}.png")
+    print(timing_line(NAME, record), flush=True)
     return 0
 
 

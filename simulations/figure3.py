@@ -4,20 +4,23 @@
     python -m simulations.figure3 --quick
     python -m simulations.figure3 --scale paper       # GPT-2-large on E2E, 40K steps (hub, GPU)
 
-One run per method; the noise is calibrated for all `max_steps`, and `PrivateTrainer.run`'s on_step callback
-evaluates BLEU (and ROUGE-L, perplexity) every `eval_every` steps. A method's curve is one cell: an
-interrupted curve is run again from step 0.
+One run per method and seed; the noise is calibrated for all `max_steps`, and `PrivateTrainer.run`'s on_step
+callback evaluates BLEU (and ROUGE-L, perplexity) every `eval_every` steps. A (method, seed) curve is one cell:
+an interrupted curve is run again from step 0. Each checkpoint shows the mean ± sd over the seeds.
 """
 
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 
 from simulations import paper_numbers
 from simulations.common import (
     CellStore,
     Footnotes,
+    Job,
+    evaluation_note,
     load_config,
     markdown_table,
     parse_args,
@@ -25,9 +28,17 @@ from simulations.common import (
     run_cells,
     run_name,
     scale_note,
+    seed_cells,
+    seed_text,
+    seeded_id,
+    seeds_note,
     selection,
+    summarize,
+    timing,
+    timing_line,
     train_config,
     train_settings,
+    with_seed,
     write_outputs,
 )
 
@@ -85,29 +96,39 @@ def curve_cell(config: dict, task_name: str, method: str) -> dict:
 CURVE_METRICS = (("bleu", "BLEU"), ("rouge_l", "ROUGE-L"), ("perplexity", "perplexity"))
 
 
-def render(config: dict, cells: dict) -> str:
+def summarize_curves(config: dict, cells: dict) -> dict:
+    """Per method: at each checkpoint step, each metric over the seeds whose curve reached that step."""
+    out = {}
+    for method in config["methods"]:
+        runs = seed_cells(cells, method, config)
+        steps = sorted({p["step"] for c in runs if c is not None and c.get("status") == "done" for p in c["curve"]})
+        out[method] = {"eval_examples": summarize(runs, lambda c: c.get("eval_examples"))["values"], "curve": [
+            {"step": step, **{metric: summarize(runs, lambda c, s=step, m=metric: next(
+                (p[m] for p in c["curve"] if p["step"] == s), None)) for metric, _ in CURVE_METRICS}}
+            for step in steps]}
+    return out
+
+
+def render(config: dict, cells: dict, summary: dict) -> str:
     notes = Footnotes()
-    steps = sorted({p["step"] for c in cells.values() if c.get("status") == "done" for p in c["curve"]})
+    steps = sorted({p["step"] for s in summary.values() for p in s["curve"]})
     header = ["Method"] + [f"step {s}" for s in steps]
 
     def rows(metric: str) -> list[list[str]]:
         out = []
         for method in config["methods"]:
-            cell = cells.get(method)
+            runs = seed_cells(cells, method, config)
+            at = {p["step"]: p[metric] for p in summary[method]["curve"]}
             label = paper_numbers.METHOD_LABELS.get(method, method)
-            if cell is None:
-                out.append([label] + ["…"] * len(steps))
-            elif cell.get("status") != "done":
-                out.append([label] + [notes.mark(cell.get("error", "failed").splitlines()[0][:300])] * len(steps))
-            else:
-                values = {p["step"]: p[metric] for p in cell["curve"]}
-                out.append([label] + [f"{values[s]:.2f}" if s in values else "—" for s in steps])
+            out.append([label] + [seed_text(runs, at.get(s, {"n": 0}), ".2f", notes) for s in steps])
         return out
 
     parts = [
         f"## Figure 3: BLEU against training steps ({config['model']} on {config['tasks'][0]}, ε=8)",
         "",
         scale_note(config),
+        seeds_note(config),
+        evaluation_note(cells.values()),
         f"Paper: {paper_numbers.FIGURE3_TEXT}",
     ]
     for metric, title in CURVE_METRICS:  # the figure plots BLEU; ROUGE-L and perplexity at the same checkpoints
@@ -118,7 +139,8 @@ def render(config: dict, cells: dict) -> str:
     return "\n".join(parts) + "\n"
 
 
-def plot(config: dict, cells: dict, path: Path) -> None:
+def plot(config: dict, summary: dict, path: Path) -> None:
+    """Mean BLEU over seeds at each checkpoint, ± sd error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -127,14 +149,17 @@ def plot(config: dict, cells: dict, path: Path) -> None:
     figure, axis = plt.subplots(figsize=(6.5, 4))
     missing = []
     for method in config["methods"]:
-        cell = cells.get(method)
+        curve = summary[method]["curve"]
         label = paper_numbers.METHOD_LABELS.get(method, method)
-        if not cell or cell.get("status") != "done":
+        if not curve:
             missing.append(label)
             continue
-        axis.plot([p["step"] for p in cell["curve"]], [p["bleu"] for p in cell["curve"]], marker="o", label=label)
+        seeds = max(p["bleu"]["n"] for p in curve)
+        axis.errorbar([p["step"] for p in curve], [p["bleu"]["mean"] for p in curve],
+                      yerr=[p["bleu"]["sd"] or 0.0 for p in curve], marker="o", capsize=3,
+                      label=f"{label} (n={seeds})")
     axis.set_xlabel("training step")
-    axis.set_ylabel("BLEU")
+    axis.set_ylabel("BLEU (mean ± sd over seeds)")
     title = f"{config['model']} on {config['tasks'][0]}, ε = 8"
     if missing:
         title += f"\n(no curve: {', '.join(missing)})"
@@ -148,6 +173,7 @@ def plot(config: dict, cells: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started, started_at = time.perf_counter(), time.time()
     args = parse_args(NAME, __doc__.splitlines()[0], argv)
     config = load_config(args.config, args.scale, args.quick)
     for key in ("max_steps", "eval_every"):
@@ -160,12 +186,21 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.results) / NAME / run_name(args)
     print(f"{NAME}: {scale_note(config)}\nresults in {out}", flush=True)
     task = config["tasks"][0]
-    jobs = [(method, {"task": task, "method": method, "epsilon_target": "8", "eval_every": config["eval_every"],
-                      "settings": train_settings(config, task, method, EPSILON)},
-             lambda m=method: curve_cell(config, task, m)) for method in config["methods"]]
-    cells = run_cells(CellStore(out / "cells"), jobs, selection(args))
-    write_outputs(out, NAME, {"config": config, "curves": cells}, render(config, cells))
-    plot(config, cells, out / f"{NAME}.png")
+    jobs = []
+    for method in config["methods"]:
+        for seed in config["seeds"]:
+            seeded = with_seed(config, seed)
+            fields = {"task": task, "method": method, "epsilon_target": "8", "eval_every": config["eval_every"],
+                      "settings": train_settings(seeded, task, method, EPSILON)}
+            jobs.append(Job(seeded_id(method, seed), fields, partial(curve_cell, seeded, task, method),
+                            legacy_id=method))
+    cells = run_cells(CellStore(out / "cells"), jobs, selection(args), args.jobs)
+    summary = summarize_curves(config, cells)
+    record = timing(started, started_at, args.jobs, cells.values())
+    write_outputs(out, NAME, {"config": config, "summary": summary, "curves": cells, "timing": record},
+                  render(config, cells, summary))
+    plot(config, summary, out / f"{NAME}.png")
+    print(timing_line(NAME, record), flush=True)
     return 0
 
 

@@ -3,12 +3,15 @@
     python -m simulations.table3 --scale offline      # SmolLM2-135M, SNLI premise -> entailed hypothesis, CPU
     python -m simulations.table3 --quick              # a smoke run of the same wiring
     python -m simulations.table3 --scale paper        # GPT-2-large on E2E (hub, GPU)
+    python -m simulations.table3 --jobs 2             # two cells at a time, one process and half the cores each
 
-Memory columns simulate the paper's exact setting (GPT-2-large, B=32, T=128, bf16) at every scale.
+Every BLEU / ROUGE-L / perplexity is the mean ± sd over the config's seeds; side and rev are compared with
+DP-LoRA at ε=8 by differences with 95 % Welch intervals. Memory columns simulate the paper's exact setting (GPT-2-large, B=32, T=128, bf16) at every scale.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from simulations import paper_numbers
@@ -18,6 +21,8 @@ from simulations.common import (
     cell_value,
     epsilon_key,
     epsilon_label,
+    evaluation_note,
+    group_id,
     load_config,
     markdown_table,
     memory_cell_id,
@@ -30,8 +35,16 @@ from simulations.common import (
     run_cells,
     run_name,
     scale_note,
+    seed_cells,
+    seed_text,
+    seeds_note,
     selection,
+    sign_verdict,
+    summarize,
+    timing,
+    timing_line,
     training_jobs,
+    welch_interval,
     with_paper,
     write_outputs,
 )
@@ -42,7 +55,22 @@ METRICS = (("bleu", "BLEU", ".1f"), ("rouge_l", "ROUGE-L", ".1f"), ("perplexity"
 CLAIM_EPSILON = 8.0
 
 
-def render(config: dict, train_cells: dict, memory_cells: dict) -> str:
+def summarize_cells(config: dict, train_cells: dict) -> dict:
+    """Per (method, ε): each metric before and after training over the seeds, and each seed's evaluation size."""
+    (task,) = config["tasks"]
+    out = {}
+    for method in config["methods"]:
+        for epsilon in config["epsilons"]:
+            base = group_id(task, method, epsilon)
+            cells = seed_cells(train_cells, base, config)
+            out[base] = {"eval_examples": summarize(cells, lambda c: c.get("eval_examples"))["values"]}
+            for metric, _, _ in METRICS:
+                out[base][metric] = summarize(cells, lambda c, m=metric: c["metrics"][m])
+                out[base][f"{metric}_before"] = summarize(cells, lambda c, m=metric: c["metrics_before"][m])
+    return out
+
+
+def render(config: dict, train_cells: dict, memory_cells: dict, summary: dict) -> str:
     notes = Footnotes()
     epsilons = config["epsilons"]
     (task,) = config["tasks"]
@@ -63,8 +91,9 @@ def render(config: dict, train_cells: dict, memory_cells: dict) -> str:
             row.append(with_paper(ours, paper and paper["memory_gb"].get(epsilon_key(e)), ".2f"))
         for metric, _, fmt in METRICS:
             for e in epsilons:
-                ours = (cell_value(train_cells.get(f"{task}__{method}__eps{epsilon_key(e)}"),
-                                   lambda c, m=metric: c["metrics"][m], fmt, notes) if ran else "—")
+                base = group_id(task, method, e)
+                ours = (seed_text(seed_cells(train_cells, base, config), summary[base][metric], fmt, notes)
+                        if ran else "—")
                 row.append(with_paper(ours, paper and paper[metric].get(epsilon_key(e)), fmt))
         share = "—"
         if ran:
@@ -72,32 +101,92 @@ def render(config: dict, train_cells: dict, memory_cells: dict) -> str:
                                lambda c: 100.0 * c["trainable_parameters"] / c["total_parameters"], ".2f", notes)
         row.append(with_paper(share, paper and paper["trainable_percent"], ".2f"))
         rows.append(row)
-    before = next((c for c in train_cells.values() if c.get("status") == "done"), None)
-    baseline = ""
-    if before is not None:
-        m = before["metrics_before"]
-        baseline = (f"Before fine-tuning ({config['model']}, same evaluation): BLEU {m['bleu']:.1f}, "
-                    f"ROUGE-L {m['rouge_l']:.1f}, PPL {m['perplexity']:.2f}.")
     parts = [
         f"## Table 3: generation ({config['model']} on {task}), BLEU / ROUGE-L / perplexity and training memory",
         "",
         scale_note(config),
-        "Each cell: ours (paper). BLEU and ROUGE-L on 0-100, greedy decoding against every reference of a "
-        "source; perplexity of the reference targets. Memory: one simulated training step of "
-        f"{config['memory']['model']} at B={config['memory'].get('batch_size', 32)}, "
-        f"T={config['memory'].get('seq_len', 128)}, {config['memory'].get('precision', 'bf16')} on the meta device "
-        "(BK engine; ε=∞ without clipping or noise), peak GiB; simulated figures read 5-15 % low. '…' = not run yet.",
+        seeds_note(config),
+        evaluation_note(train_cells.values()),
+        ("Each cell: ours (paper). BLEU and ROUGE-L on 0-100, greedy decoding against every reference of a "
+         "source; perplexity of the reference targets. Memory: one simulated training step of "
+         f"{config['memory']['model']} at B={config['memory'].get('batch_size', 32)}, "
+         f"T={config['memory'].get('seq_len', 128)}, {config['memory'].get('precision', 'bf16')} on the meta device "
+         "(BK engine; ε=∞ without clipping or noise), peak GiB, deterministic (no seeds); simulated figures read "
+         "5-15 % low. '…' = not run yet."),
         "",
         markdown_table(header, rows),
         "",
-        baseline,
+        baseline(config, summary),
+        "",
+        comparison(config, memory_cells, summary),
     ]
     if notes.notes:
         parts += ["", notes.render()]
     return "\n".join(parts) + "\n"
 
 
+def baseline(config: dict, summary: dict) -> str:
+    """The model before fine-tuning, from the first (method, ε) with finished seeds (the same pretrained model for
+    every method but rev, whose coupling changes it a little; each seed evaluates its own subset)."""
+    (task,) = config["tasks"]
+    for method in config["methods"]:
+        for epsilon in config["epsilons"]:
+            group = summary[group_id(task, method, epsilon)]
+            if group["bleu_before"]["n"]:
+                values = ", ".join(f"{label} {format_mean_sd(group[f'{metric}_before'], fmt)}"
+                                   for metric, label, fmt in METRICS)
+                return (f"Before fine-tuning ({config['model']}, the evaluation of the {method} cells at "
+                        f"{epsilon_label(epsilon)}, n={group['bleu_before']['n']} seed(s)): {values}.")
+    return ""
+
+
+def format_mean_sd(summary: dict, fmt: str) -> str:
+    sd = "" if summary["sd"] is None else f" ± {format(summary['sd'], fmt)}"
+    return format(summary["mean"], fmt) + sd
+
+
+def comparison(config: dict, memory_cells: dict, summary: dict) -> str:
+    """side and rev against DP-LoRA at ε=8: each metric's difference of means with its 95 % Welch interval over
+    seeds, and the simulated memory ratio."""
+    if not {"lora", "side", "rev"} <= set(config["methods"]) or CLAIM_EPSILON not in config["epsilons"]:
+        return "Comparison with DP-LoRA: needs lora, side, rev at ε=8."
+    (task,) = config["tasks"]
+    groups = {m: summary[group_id(task, m, CLAIM_EPSILON)] for m in ("lora", "side", "rev")}
+    lines = [("Comparison with DP-LoRA (ε=8; the paper: side and rev generate about as well with about half the "
+              "memory): difference of the means over seeds with its 95 % Welch t interval.")]
+
+    def peak(method: str) -> float | None:
+        cell = memory_cells.get(memory_cell_id(memory_spec(config, method, CLAIM_EPSILON)))
+        return cell["peak_gib"] if cell and cell.get("status") == "done" else None
+
+    for method in ("side", "rev"):
+        if peak("lora") and peak(method):
+            theirs = paper_numbers.TABLE3["lora"]["memory_gb"]["8"] / paper_numbers.TABLE3[method]["memory_gb"]["8"]
+            lines.append(f"- memory: DP-LoRA / {method} = {peak('lora') / peak(method):.2f}x (paper: {theirs:.2f}x; "
+                         "simulated, one deterministic value)")
+        if groups["lora"]["bleu"]["n"] == 0 or groups[method]["bleu"]["n"] == 0:
+            lines.append(f"- {method}: lora and {method} not both finished at ε=8")
+            continue
+        parts = []
+        for metric, label, fmt in METRICS:
+            interval = welch_interval(list(groups[method][metric]["values"].values()),
+                                      list(groups["lora"][metric]["values"].values()))
+            higher, lower = ("worse", "better") if metric == "perplexity" else ("better", "worse")
+            if interval is None:
+                gap = format(groups[method][metric]["mean"] - groups["lora"][metric]["mean"], "+" + fmt)
+                parts.append(f"{label} {gap} (no interval)")
+            else:
+                verdict = sign_verdict(interval, f"{method} higher ({higher})", f"{method} lower ({lower})")
+                parts.append(f"{label} {format(interval['difference'], '+' + fmt)} "
+                             f"[{format(interval['low'], '+' + fmt)}, {format(interval['high'], '+' + fmt)}]: "
+                             f"{verdict}")
+        seeds = f"{groups[method]['bleu']['n']}/{groups['lora']['bleu']['n']}"
+        lines.append(f"- {method} − DP-LoRA (seeds {seeds}): " + "; ".join(parts))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
+    started, started_at = time.perf_counter(), time.time()
     args = parse_args(NAME, __doc__.splitlines()[0], argv)
     config = load_config(args.config, args.scale, args.quick)
     if len(config["tasks"]) != 1:
@@ -109,9 +198,13 @@ def main(argv: list[str] | None = None) -> int:
     memory_cells = run_cells(memory_store(Path(args.results)),
                              memory_jobs(memory_spec(config, m, e) for m in config["methods"]
                                          for e in config["epsilons"]), memory_selection(args))
-    train_cells = run_cells(CellStore(out / "cells"), training_jobs(config), selection(args))
-    write_outputs(out, NAME, {"config": config, "train": train_cells, "memory": memory_cells},
-                  render(config, train_cells, memory_cells))
+    train_cells = run_cells(CellStore(out / "cells"), training_jobs(config), selection(args), args.jobs)
+    summary = summarize_cells(config, train_cells)
+    record = timing(started, started_at, args.jobs, train_cells.values())
+    write_outputs(out, NAME, {"config": config, "summary": summary, "train": train_cells, "memory": memory_cells,
+                              "timing": record},
+                  render(config, train_cells, memory_cells, summary))
+    print(timing_line(NAME, record), flush=True)
     return 0
 
 

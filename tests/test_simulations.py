@@ -1,21 +1,40 @@
-"""The paper-reproduction scripts on tiny stand-ins: configs, resumable cells, Markdown with the paper's
-numbers, paper scale failing fast without the hub, and its wiring when the hub is (pretended) there."""
+"""The paper-reproduction scripts on tiny stand-ins: configs, resumable cells per seed, the statistics over seeds
+(mean ± sd, Welch intervals, the class prior), Markdown with the paper's numbers, cells in parallel processes,
+paper scale failing fast without the hub, and its wiring when the hub is (pretended) there."""
 
 from __future__ import annotations
 
 import json
+import os
+import statistics
 import time
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizer, GPT2Config, GPT2LMHeadModel
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    BertTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+)
 
-import dpmemarc_core.data as data
-import dpmemarc_core.offline as offline
-import simulations.common as common
+from dpmemarc_core import data, offline
 from dpmemarc_core.data import _NEGATIVE, _NEUTRAL, _POSITIVE
-from simulations import figure2, figure3, table2, table4
-from simulations.common import CONFIG_DIR, CellStore, load_config, run_cells
+from simulations import common, figure2, figure3, table2, table3, table4
+from simulations.common import (
+    CONFIG_DIR,
+    CellStore,
+    Job,
+    class_prior,
+    fingerprint,
+    load_config,
+    margin_verdict,
+    run_cells,
+    sign_verdict,
+    summarize,
+    welch_interval,
+)
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +63,12 @@ def tiny_gpt2(tmp_path_factory) -> str:
 
 
 def write_config(path, model: str, memory_model: str, *, paper_task: str = "sst2", methods=("lora", "bitfit"),
-                 epsilons=("inf",), extra: str = "") -> str:
+                 epsilons=("inf",), seeds=(0,), extra: str = "") -> str:
     path.write_text(f"""
 [common]
 methods = {json.dumps(list(methods))}
 epsilons = [{", ".join(epsilons)}]
+seeds = {json.dumps(list(seeds))}
 batch_size = 2
 max_length = 32
 max_train = 32
@@ -90,6 +110,10 @@ def test_load_config_overlays_sections_and_names_bad_keys(tmp_path, tiny_bert):
         load_config(tmp_path / "bad.toml", "offline")
     with pytest.raises(ValueError, match="scale"):
         load_config(path, "cloud")
+    for bad in ("[]", "[0, 0]", "[0.5]", "0"):
+        (tmp_path / "bad.toml").write_text((tmp_path / "t.toml").read_text().replace("seeds = [0]", f"seeds = {bad}"))
+        with pytest.raises(ValueError, match="seeds"):
+            load_config(tmp_path / "bad.toml", "offline")
 
 
 def test_shipped_configs_parse_for_every_scale():
@@ -97,6 +121,86 @@ def test_shipped_configs_parse_for_every_scale():
         for scale, quick in (("paper", False), ("offline", False), ("offline", True)):
             config = load_config(common.CONFIG_DIR / f"{name}.toml", scale, quick)
             assert config["methods"] and config["epsilons"]
+            if name != "table4" and not quick:  # table4 trains nothing
+                assert config["seeds"] == [0, 1, 2]
+
+
+def done_cell(seed: int, accuracy: float, *, before: float = 0.5, counts: dict | None = None, task: str = "synthetic",
+              method: str = "lora", epsilon: str = "8") -> dict:
+    """A finished classification cell as train_cell stores it (only what the tables read)."""
+    cell = {"id": f"{task}__{method}__eps{epsilon}__seed{seed}", "task": task, "method": method,
+            "epsilon_target": epsilon, "settings": {"seed": seed}, "status": "done",
+            "metrics": {"accuracy": accuracy}, "metrics_before": {"accuracy": before}, "seconds": 1.0}
+    if counts is not None:
+        cell["eval_label_counts"] = counts
+        cell["eval_examples"] = sum(counts.values())
+    return cell
+
+
+def test_summarize_gives_mean_sample_sd_and_each_seed_value_of_done_cells():
+    cells = [done_cell(0, 0.60), done_cell(1, 0.64), None, {"settings": {"seed": 3}, "status": "error"},
+             done_cell(2, 0.68)]
+    summary = summarize(cells, lambda c: 100 * c["metrics"]["accuracy"])
+    assert summary["n"] == 3 and summary["values"] == pytest.approx({"0": 60.0, "1": 64.0, "2": 68.0})
+    assert summary["mean"] == pytest.approx(64.0) and summary["sd"] == pytest.approx(4.0)  # sample sd (n - 1)
+    one = summarize([done_cell(5, 0.7), None], lambda c: c["metrics"]["accuracy"])
+    assert one["n"] == 1 and one["mean"] == pytest.approx(0.7) and one["sd"] is None
+    assert summarize([None], lambda c: 1.0) == {"mean": None, "sd": None, "n": 0, "values": {}}
+
+
+def test_seed_text_shows_mean_sd_and_says_which_seeds_are_missing_or_failed():
+    notes = common.Footnotes()
+
+    def text(cells: list) -> str:
+        return common.seed_text(cells, summarize(cells, lambda c: 100 * c["metrics"]["accuracy"]), ".1f", notes)
+
+    failed = {"settings": {"seed": 1}, "status": "error", "error": "RuntimeError: out of memory\ntraceback"}
+    assert text([done_cell(0, 0.6), done_cell(1, 0.62), done_cell(2, 0.64)]) == "62.0 ± 2.0"
+    assert text([done_cell(0, 0.6), failed, None]) == "60.0 (n=1)[^1]"
+    assert text([None, failed, None]) == "n/a[^1]" and text([None, None]) == "…"
+    assert notes.notes == ["RuntimeError: out of memory"]
+
+
+def test_welch_interval_matches_scipy_and_a_hand_computation():
+    from scipy import stats
+
+    side, lora = [58.8, 61.0, 60.2, 57.4], [62.4, 64.8, 63.0]
+    interval = welch_interval(side, lora)
+    low, high = stats.ttest_ind(side, lora, equal_var=False).confidence_interval(0.95)
+    assert (interval["low"], interval["high"]) == (pytest.approx(low), pytest.approx(high))
+    # By hand: a = [77, 78, 79], b = [79, 80, 81]: difference -2, each variance 1 over 3 seeds, so se = sqrt(2/3)
+    # and Welch's df = (2/3)^2 / (2 * (1/3)^2 / 2) = 4; t(0.975, 4) = 2.7764.
+    hand = welch_interval([77.0, 78.0, 79.0], [79.0, 80.0, 81.0])
+    assert hand["difference"] == pytest.approx(-2.0) and hand["df"] == pytest.approx(4.0)
+    assert hand["high"] - hand["difference"] == pytest.approx(2.7764 * (2 / 3) ** 0.5, abs=1e-4)
+    assert welch_interval([1.0], [1.0, 2.0]) is None
+    flat = welch_interval([60.2, 60.2], [60.2, 60.2])
+    assert flat["low"] == flat["high"] == 0.0
+
+
+def test_claim_verdicts_follow_the_interval():
+    def interval(low: float, high: float) -> dict:
+        return {"difference": (low + high) / 2, "low": low, "high": high}
+
+    assert margin_verdict(interval(-1.5, 3.0), 2.0) == "holds"
+    assert margin_verdict(interval(-6.0, -2.5), 2.0) == "fails"
+    assert margin_verdict(interval(-4.3, 0.3), 2.0) == "cannot be told apart at this size"
+    assert margin_verdict(None, 2.0).startswith("cannot be told apart")
+    assert sign_verdict(interval(0.5, 2.0), "up", "down") == "up"
+    assert sign_verdict(interval(-2.0, -0.5), "up", "down") == "down"
+    assert sign_verdict(interval(-2.0, 0.5), "up", "down") == "cannot be told apart at this size"
+
+
+def test_class_prior_flags_accuracy_within_sampling_noise_of_the_majority_share():
+    counts = {"0": 199, "1": 301}  # rotten tomatoes' 500 evaluation reviews: the majority share is 60.2 %
+    prior = class_prior([done_cell(s, 0.602, counts=counts) for s in range(3)])
+    assert prior["majority_share"] == pytest.approx(0.602) and prior["at_prior"]
+    # noise: 1.96 binomial standard errors of the mean of 3 evaluation sets of 500
+    assert prior["noise"] == pytest.approx(1.96 * (0.602 * 0.398 / 500 / 3) ** 0.5)
+    assert class_prior([done_cell(s, 0.62, counts=counts) for s in range(3)])["at_prior"]  # +1.8 < 2.5 points
+    assert not class_prior([done_cell(s, 0.65, counts=counts) for s in range(3)])["at_prior"]
+    assert not class_prior([done_cell(0, 0.50, counts=counts)])["at_prior"]  # far below the prior is a result too
+    assert class_prior([done_cell(0, 0.602)]) is None  # no label counts recorded: cannot tell
 
 
 def test_cells_are_written_atomically_and_failures_retried(tmp_path):
@@ -126,21 +230,86 @@ def test_cells_not_run_now_are_shown_only_if_made_with_the_current_settings(tmp_
     assert list(cells) == ["b"] and cells["b"]["value"] == 2  # a's stored cell is from other settings: hidden
 
 
-def test_table2_offline_writes_cells_markdown_with_paper_numbers_and_resumes(tmp_path, tiny_bert, monkeypatch, capsys):
-    config = write_config(tmp_path / "t.toml", tiny_bert, tiny_bert, methods=("lora", "bitfit", "nosuchmethod"))
+def seed_jobs(seeds, calls: list, lr: float = 1.0) -> list[Job]:
+    def fields(seed: int) -> dict:
+        return {"task": "t", "settings": {"lr": lr, "seed": seed}}
+
+    return [Job(f"t__seed{seed}", fields(seed), lambda s=seed: calls.append(s) or {"value": s}, legacy_id="t")
+            for seed in seeds]
+
+
+def test_finished_seeds_are_resumed_and_only_new_seeds_run(tmp_path):
+    store, calls = CellStore(tmp_path / "cells"), []
+    run_cells(store, seed_jobs([0, 1], calls))
+    cells = run_cells(store, seed_jobs([0, 1, 2], calls))
+    assert calls == [0, 1, 2] and list(cells) == ["t__seed0", "t__seed1", "t__seed2"]
+    assert [cells[f"t__seed{s}"]["value"] for s in range(3)] == [0, 1, 2]
+    run_cells(store, seed_jobs([0, 1, 2], calls, lr=2.0))  # other settings: every seed again
+    assert calls == [0, 1, 2, 0, 1, 2]
+    only = run_cells(store, seed_jobs([0, 1, 2, 3], calls, lr=2.0),
+                     selected=lambda fields: fields["settings"]["seed"] == 3)  # what --seeds 3 selects
+    assert calls[6:] == [3] and len(only) == 4
+
+
+def test_a_single_draw_cell_counts_as_seed_0_only_when_its_settings_match(tmp_path):
+    store, calls = CellStore(tmp_path / "cells"), []
+    legacy = {"task": "t", "settings": {"lr": 1.0, "seed": 0}}  # stored before the seeds axis, under id "t"
+    store.save({"id": "t", **legacy, "fingerprint": fingerprint(legacy), "status": "done", "value": "old"})
+    cells = run_cells(store, seed_jobs([0, 1], calls))
+    assert calls == [1] and cells["t__seed0"]["value"] == "old" and cells["t__seed0"]["legacy_id"] == "t"
+    assert not (tmp_path / "cells" / "t__seed0.json").exists()  # read where it is, not copied
+    shown = run_cells(store, seed_jobs([0, 1], calls, lr=2.0), selected=lambda fields: False)
+    assert shown == {}  # other settings: the old draw is stale, not shown as seed 0
+    run_cells(store, seed_jobs([0], calls, lr=2.0))
+    assert calls == [1, 0]
+
+
+def test_cells_run_in_parallel_processes_with_the_cores_split(tmp_path):
+    import cell_work
+
+    store = CellStore(tmp_path / "cells")
+    jobs = [Job("a", {"n": 1}, cell_work.process_facts), Job("b", {"n": 2}, cell_work.process_facts),
+            Job("c", {"n": 3}, cell_work.fails)]
+    cells = run_cells(store, jobs, processes=2)
+    assert list(cells) == ["a", "b", "c"]  # in job order, whatever order they finished in
+    assert cells["a"]["status"] == cells["b"]["status"] == "done"
+    assert os.getpid() not in {cells["a"]["pid"], cells["b"]["pid"]}
+    assert cells["a"]["threads"] == max(1, common.available_cores() // 2)
+    assert cells["c"]["status"] == "error" and "not supported here" in cells["c"]["error"]
+    assert json.loads((tmp_path / "cells" / "a.json").read_text())["pid"] == cells["a"]["pid"]
+    assert run_cells(store, jobs, processes=2)["a"]["pid"] == cells["a"]["pid"]  # done: not run again
+
+
+def test_table2_offline_writes_cells_per_seed_markdown_with_paper_numbers_and_resumes(tmp_path, tiny_bert,
+                                                                                     monkeypatch, capsys):
+    config = write_config(tmp_path / "t.toml", tiny_bert, tiny_bert, methods=("lora", "bitfit", "nosuchmethod"),
+                          seeds=(0, 1))
     argv = ["--scale", "offline", "--config", config, "--results", str(tmp_path / "results")]
     assert table2.main(argv) == 0
     out = tmp_path / "results" / "table2" / "offline"
-    cells = json.loads((out / "table2.json").read_text())
-    lora = cells["train"]["synthetic__lora__epsinf"]
-    assert lora["status"] == "done" and 0.0 <= lora["metrics"]["accuracy"] <= 1.0
-    assert lora["epsilon"] == float("inf") and lora["steps"] == 1
-    assert cells["train"]["synthetic__nosuchmethod__epsinf"]["status"] == "error"
+    result = json.loads((out / "table2.json").read_text())
+    lora = [result["train"][f"synthetic__lora__epsinf__seed{s}"] for s in (0, 1)]
+    assert [c["settings"]["seed"] for c in lora] == [0, 1]
+    for cell in lora:
+        assert cell["status"] == "done" and 0.0 <= cell["metrics"]["accuracy"] <= 1.0
+        assert cell["epsilon"] == float("inf") and cell["steps"] == 1
+        assert sum(cell["eval_label_counts"].values()) == cell["eval_examples"] == 8
+    summary = result["summary"]["synthetic__lora__epsinf"]
+    assert summary["accuracy"]["values"] == pytest.approx(
+        {str(s): 100 * c["metrics"]["accuracy"] for s, c in enumerate(lora)})
+    assert summary["accuracy"]["mean"] == pytest.approx(statistics.fmean(summary["accuracy"]["values"].values()))
+    assert summary["eval_examples"] == {"0": 8, "1": 8} and "at_prior" in summary["class_prior"]
+    assert result["train"]["synthetic__nosuchmethod__epsinf__seed0"]["status"] == "error"
+    assert result["timing"]["cells_run"] == 6 and result["timing"]["jobs"] == 1
+    assert result["timing"]["wall_seconds"] > 0 and result["timing"]["cell_seconds_shown"] > 0
     markdown = (out / "table2.md").read_text()
-    ours = f"{100 * lora['metrics']['accuracy']:.2f}"
-    assert f"{ours} (96.25)" in markdown  # DP-LoRA on SST-2 at ε=∞ in the paper, beside ours
-    assert "(7.12)" in markdown and "PromptDPSGD" in markdown and "n/a[^1]" in markdown
-    assert "unknown method" in markdown  # the failed cell's reason, as a footnote
+    assert "(96.25)" in markdown and "(7.12)" in markdown and "PromptDPSGD" in markdown  # the paper's, beside ours
+    assert "n/a[^" in markdown and "unknown method" in markdown  # the failed cell's reason, as a footnote
+    assert "over 2 seeds [0, 1]" in markdown and "synthetic n = 8" in markdown
+    # 8 evaluation examples cannot tell a trained tiny model from the class prior: labelled so, not shown as a result
+    prior = summary["class_prior"]["at_prior"]
+    ours = f"{summary['accuracy']['mean']:.1f} ± {summary['accuracy']['sd']:.1f}"
+    assert ("class prior[^" in markdown) if prior else (f"{ours} (96.25)" in markdown)
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished cell was run again")
@@ -150,11 +319,68 @@ def test_table2_offline_writes_cells_markdown_with_paper_numbers_and_resumes(tmp
     capsys.readouterr()
     table2.main(argv)
     log = capsys.readouterr().out
-    assert "synthetic__lora__epsinf: done earlier, skipped" in log
-    assert json.loads((out / "table2.json").read_text())["train"]["synthetic__lora__epsinf"] == lora
+    assert "synthetic__lora__epsinf__seed1: done earlier, skipped" in log
+    assert "table2: 2 cell(s) run" in log  # the two failed cells, retried
+    assert json.loads((out / "table2.json").read_text())["train"]["synthetic__lora__epsinf__seed0"] == lora[0]
+    markdown = (out / "table2.md").read_text()
     (out / "table2.md").unlink()
     table2.main(argv + ["--report"])  # runs nothing, not even the failed cells; writes the table again
-    assert f"{ours} (96.25)" in (out / "table2.md").read_text()
+    assert (out / "table2.md").read_text() == markdown
+
+
+def render_config(tmp_path) -> dict:
+    path = write_config(tmp_path / "t.toml", "model", "memory-model", methods=("lora", "bitfit", "side", "rev"),
+                        epsilons=("8.0",), seeds=(0, 1, 2))
+    return load_config(path, "offline")
+
+
+def test_table2_prints_mean_sd_claim_intervals_and_class_prior_labels(tmp_path):
+    config = render_config(tmp_path)
+    counts = {"0": 40, "1": 60}
+    accuracy = {"lora": (0.79, 0.80, 0.81), "side": (0.77, 0.78, 0.79), "rev": (0.85, 0.86, 0.87),
+                "bitfit": (0.60, 0.61, 0.59)}
+    cells = {}
+    for method, values in accuracy.items():
+        for seed, value in enumerate(values):
+            cell = done_cell(seed, value, counts=counts, method=method)
+            cells[cell["id"]] = cell
+    del cells["synthetic__rev__eps8__seed2"]
+    summary = table2.summarize_cells(config, cells)
+    assert summary["synthetic__lora__eps8"]["accuracy"]["values"] == pytest.approx({"0": 79.0, "1": 80.0, "2": 81.0})
+    assert summary["synthetic__bitfit__eps8"]["class_prior"]["at_prior"]
+    markdown = table2.render(config, cells, {}, summary)
+    assert "| DP-LoRA | … (12.24) | 80.0 ± 1.0 (95.20) |" in markdown
+    assert "| MemDPT_rev | … (5.65) | 85.5 ± 0.7 (n=2) (93.89) |" in markdown
+    assert "| DP-BiTFiT | … (5.88) | class prior[^1] (93.02) |" in markdown
+    assert "[^1]: synthetic: the majority class is 60.0 % of the evaluation examples" in markdown
+    # side - lora: -2 with Welch df 4, t = 2.776, se = sqrt(2/3): [-4.3, +0.3] straddles -2
+    assert "side − DP-LoRA -2.0 points [-4.3, +0.3]: cannot be told apart at this size" in markdown
+    assert "rev − DP-LoRA +5.5 points [" in markdown and "]: holds" in markdown
+    assert "seeds lora/side/rev: 3/3/2" in markdown and "synthetic n = 100" in markdown
+    for seed, value in enumerate((0.70, 0.71, 0.72)):  # side 8.7 points below: the claim fails
+        cells[f"synthetic__side__eps8__seed{seed}"]["metrics"]["accuracy"] = value
+    assert "side − DP-LoRA -9.0 points [" in table2.render(config, cells, {}, table2.summarize_cells(config, cells))
+    assert "]: fails" in table2.render(config, cells, {}, table2.summarize_cells(config, cells))
+
+
+def test_table3_prints_mean_sd_and_differences_with_dp_lora(tmp_path):
+    config = render_config(tmp_path)
+    config["tasks"], config["paper_columns"] = ["synthetic-generation"], {"synthetic-generation": "e2e"}
+    cells = {}
+    for method, bleu in {"lora": (4.0, 5.0, 6.0), "side": (4.5, 5.0, 5.5), "rev": (14.0, 15.0, 16.0)}.items():
+        for seed, value in enumerate(bleu):
+            metrics = {"bleu": value, "rouge_l": 3 * value, "perplexity": 20.0 - value}
+            cell = {"id": f"synthetic-generation__{method}__eps8__seed{seed}", "task": "synthetic-generation",
+                    "settings": {"seed": seed}, "status": "done", "metrics": metrics, "eval_examples": 64,
+                    "metrics_before": {"bleu": 1.5, "rouge_l": 11.2, "perplexity": 27.7}}
+            cells[cell["id"]] = cell
+    summary = table3.summarize_cells(config, cells)
+    markdown = table3.render(config, cells, {}, summary)
+    assert "| DP-LoRA | … (21.75) | 5.0 ± 1.0 (67.3) | 15.0 ± 3.0 (69.1) | 15.00 ± 1.00 (2.48) |" in markdown
+    assert "- side − DP-LoRA (seeds 3/3): BLEU +0.0 [" in markdown and "cannot be told apart" in markdown
+    assert "- rev − DP-LoRA (seeds 3/3): BLEU +10.0 [" in markdown and "rev higher (better)" in markdown
+    assert "PPL -10.00 [" in markdown and "rev lower (better)" in markdown
+    assert "Before fine-tuning" in markdown and "BLEU 1.5 ± 0.0" in markdown
 
 
 def test_paper_scale_fails_fast_without_the_hub(monkeypatch, capsys):
@@ -181,7 +407,7 @@ def test_paper_scale_wiring_with_stand_in_loaders(tmp_path, tiny_bert, monkeypat
     monkeypatch.setattr(data, "load_task", stand_in)
     config = write_config(tmp_path / "t.toml", tiny_bert, tiny_bert, methods=("lora",))
     assert table2.main(["--scale", "paper", "--config", config, "--results", str(tmp_path / "r")]) == 0
-    assert asked == ["sst2"]
+    assert asked == ["sst2", "sst2"]  # training, then the label counts of the same evaluation set
     markdown = (tmp_path / "r" / "table2" / "paper" / "table2.md").read_text()
     assert "(96.25)" in markdown and "Scale: paper" in markdown
 
@@ -229,9 +455,9 @@ options = { r = 4, no_such_option = "x" }
     assert figure2.main(["--config", config, "--results", str(tmp_path / "r")]) == 0
     out = tmp_path / "r" / "figure2" / "offline"
     cells = json.loads((out / "figure2.json").read_text())["train"]
-    assert cells["lora"]["status"] == "done" and cells["other"]["status"] == "error"
+    assert cells["lora__seed0"]["status"] == "done" and cells["other__seed0"]["status"] == "error"
     assert (out / "figure2.png").read_bytes()[:4] == b"\x89PNG"
-    assert "n/a[^1]" in (out / "figure2.md").read_text()
+    assert "n/a[^" in (out / "figure2.md").read_text()  # [^1] may be the class prior of the lora row
 
 
 def test_figure3_records_bleu_at_checkpoints(tmp_path, tiny_gpt2, tiny_bert):
@@ -240,12 +466,22 @@ def test_figure3_records_bleu_at_checkpoints(tmp_path, tiny_gpt2, tiny_bert):
     text = (tmp_path / "t.toml").read_text().replace('tasks = ["synthetic"]', 'tasks = ["synthetic-generation"]')
     text = text.replace("max_steps = 1", "max_steps = 2\neval_every = 1").replace("max_eval = 8", "max_eval = 2")
     (tmp_path / "t.toml").write_text(text)
+    text = text.replace("seeds = [0]", "seeds = [0, 1]")
+    (tmp_path / "t.toml").write_text(text)
     assert figure3.main(["--config", config, "--results", str(tmp_path / "r")]) == 0
     out = tmp_path / "r" / "figure3" / "offline"
-    curve = json.loads((out / "figure3.json").read_text())["curves"]["lora"]["curve"]
-    assert [p["step"] for p in curve] == [0, 1, 2] and all(p["bleu"] >= 0 for p in curve)
+    result = json.loads((out / "figure3.json").read_text())
+    curves = [result["curves"][f"lora__seed{s}"]["curve"] for s in (0, 1)]
+    for curve in curves:
+        assert [p["step"] for p in curve] == [0, 1, 2] and all(p["bleu"] >= 0 for p in curve)
+    mean_curve = result["summary"]["lora"]["curve"]
+    assert [p["step"] for p in mean_curve] == [0, 1, 2]
+    assert mean_curve[2]["perplexity"]["values"] == pytest.approx({str(s): c[2]["perplexity"]
+                                                                   for s, c in enumerate(curves)})
+    assert mean_curve[2]["perplexity"]["n"] == 2 and mean_curve[2]["perplexity"]["sd"] is not None
     assert (out / "figure3.png").read_bytes()[:4] == b"\x89PNG"
-    assert "step 2" in (out / "figure3.md").read_text()
+    markdown = (out / "figure3.md").read_text()
+    assert "step 2" in markdown and f"{mean_curve[2]['perplexity']['mean']:.2f} ± " in markdown
 
 
 def test_figure2_trains_every_shipped_f_at_the_scale_rank_and_sizes_memory_at_the_variant_rank(tmp_path, tiny_bert):
@@ -260,9 +496,11 @@ def test_figure2_trains_every_shipped_f_at_the_scale_rank_and_sizes_memory_at_th
                           extra=extra)
     assert figure2.main(["--config", config, "--results", str(tmp_path / "r")]) == 0
     result = json.loads((tmp_path / "r" / "figure2" / "offline" / "figure2.json").read_text())
-    assert set(result["train"]) == {"lora", "parallel_adapter", "prefix", "dylora"}
+    assert set(result["train"]) == {f"{name}__seed0" for name in ("lora", "parallel_adapter", "prefix", "dylora")}
     for name, cell in result["train"].items():
         assert cell["status"] == "done", cell.get("error")
-        assert cell["settings"]["method_options"] == {**shipped["variants"][name]["options"], "r": 4}
+        variant = name.removesuffix("__seed0")
+        assert cell["settings"]["method_options"] == {**shipped["variants"][variant]["options"], "r": 4}
+        assert result["summary"][variant]["accuracy"]["n"] == 1
     memory_options = sorted(c["spec"]["method_options"]["r"] for c in result["memory"].values())
     assert memory_options == [64] * 4
