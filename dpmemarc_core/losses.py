@@ -93,7 +93,7 @@ def _autocast(state: tuple[str, bool, torch.dtype | None]):
 
 def _head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The LM head over a (B, t, d) chunk as one (B·t, d) matmul: given the 3-D slice, F.linear runs a bmm with
-    the V×d head expanded per example (B thin GEMMs of t rows: 35x slower on a CPU at B=8, t=10)."""
+    the V×d head expanded per example (B thin GEMMs of t rows, several times slower on a CPU)."""
     batch, length, dim = hidden.shape
     return F.linear(hidden.reshape(batch * length, dim), weight, bias).view(batch, length, -1)
 

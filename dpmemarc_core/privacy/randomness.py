@@ -34,8 +34,8 @@ from dpmemarc_core.privacy.settings import check_count
 # 624 words, one per 8-byte slot of which the generator reads the low 32 bits, then the normal-sample cache.
 _MT_STATE_BYTES = 5056
 _MT_WORDS_OFFSET, _MT_WORDS = 24, 624
-# CPU noise is drawn by NOISE_STREAMS generators in parallel threads (torch's CPU normal_ runs on one thread:
-# one stream drew GPT-2 small's 124M noise coordinates in 0.6 s of a 4 s step on 2 cores, four in 0.2 s).
+# CPU noise is drawn by NOISE_STREAMS generators in parallel threads: torch's CPU normal_ runs on one thread,
+# which made noise a large share of a full fine-tuning step (BENCHMARKS.md, "Step time (CPU)").
 # Fixed, not the machine's thread count, so that a seeded test stream draws the same numbers everywhere.
 # Each stream works through its share of a tensor in NOISE_CHUNK pieces via one small buffer: no
 # tensor-sized noise buffer is allocated (fresh large buffers cost page faults as well as memory).
