@@ -639,6 +639,28 @@ def write_outputs(directory: Path, name: str, cells: dict, markdown: str) -> Non
     print(f"wrote {directory / f'{name}.json'} and {directory / f'{name}.md'}", flush=True)
 
 
+def run_table(name: str, args: argparse.Namespace, config: dict, started: tuple[float, float],
+              summarize_cells: Callable[[dict, dict], dict],
+              render: Callable[[dict, dict, dict, dict], str]) -> int:
+    """A paper table: its memory cells, its training cells (per seed, resumed), their summary, the JSON and
+    Markdown under results/, and the wall time (`started`: perf_counter and wall clock at the start)."""
+    if args.scale == "paper":
+        require_hub(config)
+    out = Path(args.results) / name / run_name(args)
+    print(f"{name}: {scale_note(config)}\nresults in {out}", flush=True)
+    memory_cells = run_cells(memory_store(Path(args.results)),
+                             memory_jobs(memory_spec(config, m, e) for m in config["methods"]
+                                         for e in config["epsilons"]), memory_selection(args))
+    train_cells = run_cells(CellStore(out / "cells"), training_jobs(config), selection(args), args.jobs)
+    summary = summarize_cells(config, train_cells)
+    record = timing(*started, args.jobs, train_cells.values())
+    write_outputs(out, name, {"config": config, "summary": summary, "train": train_cells, "memory": memory_cells,
+                              "timing": record},
+                  render(config, train_cells, memory_cells, summary))
+    print(timing_line(name, record), flush=True)
+    return 0
+
+
 def scale_note(config: dict) -> str:
     if config["scale"] == "paper":
         return f"Scale: paper ({config['model']}; tasks {', '.join(config['tasks'])})."

@@ -13,12 +13,10 @@ paper's exact setting (RoBERTa-large, B=32, T=128, bf16) at every scale.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from simulations import paper_numbers
 from simulations.common import (
     PRIOR_Z,
-    CellStore,
     Footnotes,
     cell_value,
     class_prior,
@@ -30,26 +28,16 @@ from simulations.common import (
     margin_verdict,
     markdown_table,
     memory_cell_id,
-    memory_jobs,
-    memory_selection,
     memory_spec,
-    memory_store,
     parse_args,
-    require_hub,
-    run_cells,
-    run_name,
+    run_table,
     scale_note,
     seed_cells,
     seed_text,
     seeds_note,
-    selection,
     summarize,
-    timing,
-    timing_line,
-    training_jobs,
     welch_interval,
     with_paper,
-    write_outputs,
 )
 
 NAME = "table2"
@@ -216,24 +204,10 @@ def claim_check(config: dict, train_cells: dict, memory_cells: dict, summary: di
 
 
 def main(argv: list[str] | None = None) -> int:
-    started, started_at = time.perf_counter(), time.time()
+    started = time.perf_counter(), time.time()
     args = parse_args(NAME, __doc__.splitlines()[0], argv)
     config = load_config(args.config, args.scale, args.quick)
-    if args.scale == "paper":
-        require_hub(config)
-    out = Path(args.results) / NAME / run_name(args)
-    print(f"{NAME}: {scale_note(config)}\nresults in {out}", flush=True)
-    memory_cells = run_cells(memory_store(Path(args.results)),
-                             memory_jobs(memory_spec(config, m, e) for m in config["methods"]
-                                         for e in config["epsilons"]), memory_selection(args))
-    train_cells = run_cells(CellStore(out / "cells"), training_jobs(config), selection(args), args.jobs)
-    summary = summarize_cells(config, train_cells)
-    record = timing(started, started_at, args.jobs, train_cells.values())
-    write_outputs(out, NAME, {"config": config, "summary": summary, "train": train_cells, "memory": memory_cells,
-                              "timing": record},
-                  render(config, train_cells, memory_cells, summary))
-    print(timing_line(NAME, record), flush=True)
-    return 0
+    return run_table(NAME, args, config, started, summarize_cells, render)
 
 
 if __name__ == "__main__":
