@@ -1,7 +1,7 @@
 """Time of one DP training step per fine-tuning method, as a ratio to a non-DP LoRA step, on GPT-2 small.
 
 A step is exactly what `dpmemarc train` runs per batch: `make_trainer(method, ...).step(batch)` —
-forward, per-example causal-LM loss, BK clipped backward (two backward passes for `rev` by default),
+forward, per-example causal-LM loss, BK clipped backward (for `rev` the method's backward passes, 'auto'),
 Gaussian noise, Adam; for `zo` (DPZero) two forwards along a seeded direction, the clipped and noised
 scalar, and the SGD update. Methods run with their library defaults (LoRA r=64, adapter bottleneck 64,
 side reduction 8, rev r=64; zo perturbs every weight, `zo_params` "full"), DP with σ=1, C=1, ε finite.
@@ -53,7 +53,8 @@ ROWS: dict[str, tuple[str, int | None, bool, str]] = {
     "dp-adapter": ("adapter", None, True, "DP Houlsby adapter, bottleneck 64, BK"),
     "dp-bitfit": ("bitfit", None, True, "DP BiTFiT (biases), BK"),
     "dp-side": ("side", None, True, "DP side network, reduction 8, BK"),
-    "dp-rev": ("rev", 2, True, "DP reversible, BK, 2 backward passes (recommended)"),
+    "dp-rev": ("rev", None, True, "DP reversible, BK, backward passes 'auto' (the method's choice)"),
+    "dp-rev-2pass": ("rev", 2, True, "DP reversible, BK, 2 backward passes"),
     "dp-rev-1pass": ("rev", 1, True, "DP reversible, BK, 1 backward pass"),
     "dp-zo": ("zo", None, True, "DPZero, forward only, all weights perturbed"),
 }

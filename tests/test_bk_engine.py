@@ -207,7 +207,7 @@ def test_hf_models_all_trainable(family, mode, clip_fn, passes):
 
 
 @pytest.mark.parametrize("mode,clip_fn,passes", [("mixed", "abadi", 1), ("ghost", "automatic", 2),
-                                                 ("instantiate", "abadi", 2)])
+                                                 ("instantiate", "abadi", 2), ("mixed", "abadi", "auto")])
 @pytest.mark.parametrize("family", list(SUBSETS))
 def test_hf_models_trainable_subset(family, mode, clip_fn, passes):
     model = _prepared(family, subset=True)

@@ -37,7 +37,8 @@ def test_rows_build_the_trainer_users_get(method_speed, tiny_config):
 
     assert trainer_of("nondp-lora").engine is None
     assert isinstance(trainer_of("dp-lora"), PrivateTrainer) and trainer_of("dp-lora").engine is not None
-    assert trainer_of("dp-rev").engine.backward_passes == 2
+    assert trainer_of("dp-rev").engine.backward_passes == "auto"
+    assert trainer_of("dp-rev-2pass").engine.backward_passes == 2
     assert trainer_of("dp-rev-1pass").engine.backward_passes == 1
     zo = trainer_of("dp-zo")
     assert isinstance(zo, ZOTrainer) and len(zo.params) == sum(1 for _ in zo.model.parameters())

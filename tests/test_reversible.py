@@ -98,7 +98,7 @@ def test_only_lora_adapters_and_head_train(family):
     assert any("lora_A" in n for n in names) and any(".adapter." in n for n in names)
     assert all("lora_" in n or ".adapter." in n or n.startswith("classifier.") for n in names), names
     assert any(n.startswith("classifier.") for n in names) == (family in ("bert", "roberta"))
-    assert model.recommended_backward_passes == 2
+    assert model.recommended_backward_passes == "auto"
     assert len(stack_of(model).blocks) == 2
 
 
@@ -207,7 +207,8 @@ def test_no_grad_forward_equals_the_reversible_forward():
 # ---- BK clipping through the reversible backward -------------------------------------------------
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("backward_passes, clipping_mode", [(1, "mixed"), (1, "ghost"), (2, "mixed"), (2, "ghost")])
+@pytest.mark.parametrize("backward_passes, clipping_mode", [(1, "mixed"), (1, "ghost"), (2, "mixed"), (2, "ghost"),
+                                                            ("auto", "mixed"), ("auto", "ghost")])
 def test_bk_matches_per_example_reference(family, backward_passes, clipping_mode):
     model = reversible(family)
     engine = assert_bk_matches_reference(model, batch_for(family), loss_fn, rtol=1e-6, max_grad_norm=1e-3,
@@ -217,6 +218,30 @@ def test_bk_matches_per_example_reference(family, backward_passes, clipping_mode
     layers = sum(1 for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.weight.requires_grad
                  and not n.startswith("classifier"))
     assert engine.tap_backward_calls >= layers
+
+
+@pytest.mark.parametrize("budget, passes_run", [(0.0, 2), (0.05, 2), (1e9, 1)])
+def test_auto_passes_keep_within_budget_else_finish_as_two(monkeypatch, budget, passes_run):
+    # 0: over budget at the first layer; 0.05: over budget after some layers kept theirs (reduced then);
+    # 1e9: everything kept, one pass. Each must equal the reference.
+    import dpmemarc_core.privacy.engine as engine_module
+
+    reduced_books = []
+    reduce_kept = engine_module.BKEngine._reduce_kept
+
+    def recording(engine):
+        reduced_books.append(sum(1 for b in engine._books.values() if b.kept_squared_norm() is not None))
+        reduce_kept(engine)
+
+    monkeypatch.setattr(engine_module, "KEEP_BUDGET_TENSORS", budget)
+    monkeypatch.setattr(engine_module.BKEngine, "_reduce_kept", recording)
+    model = reversible("gpt2")
+    engine = assert_bk_matches_reference(model, batch_for("gpt2"), loss_fn, rtol=1e-6, max_grad_norm=1e-3,
+                                         backward_passes="auto", clipping_mode="mixed")
+    assert engine.last_backward_passes == passes_run
+    assert len(reduced_books) == (passes_run == 2)
+    if budget == 0.05:
+        assert reduced_books[0] > 1, "the budget should run out after several layers kept their buffers"
 
 
 # ---- start point ---------------------------------------------------------------------------------

@@ -35,13 +35,18 @@ def add_memory_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="bk: ours (method zo: DPZero's clipped, noised step); opacus: GradSampleModule hooks + "
                         "DPOptimizer (not with zo); nondp: no clipping, no noise")
     p.add_argument("--clipping-mode", choices=["mixed", "ghost", "instantiate"], default=d.clipping_mode)
-    p.add_argument("--backward-passes", type=int, choices=[1, 2], default=None,
-                   help="engine bk: one backward (BK) or two (GhostClip-style; default: the method's choice)")
+    p.add_argument("--backward-passes", type=_backward_passes, choices=[1, 2, "auto"], default=None,
+                   help="engine bk: one backward (BK), two (GhostClip-style) or auto (one while BK's buffers "
+                        "stay small, else two; default: the method's choice)")
     p.add_argument("--attn-implementation", default=None, help="e.g. eager or sdpa (default: the model's)")
     p.add_argument("--method-option", type=method_option_arg, action="append", default=[], metavar="KEY=VALUE",
                    help="method option, e.g. r=16 or reduction=8 (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.set_defaults(func=run_memory)
+
+
+def _backward_passes(text: str) -> int | str:
+    return text if text == "auto" else int(text)
 
 
 def run_memory(args: argparse.Namespace) -> int:

@@ -49,6 +49,7 @@ from dpmemarc_core.memory.tracker import ROLES, StorageTracker
 from dpmemarc_core.methods.families import ENCODER_MODEL_TYPES
 from dpmemarc_core.models import TASK_KINDS, build_from_config, published_config
 from dpmemarc_core.privacy import PrivacySettings
+from dpmemarc_core.privacy.engine import BACKWARD_PASSES
 from dpmemarc_core.privacy.settings import check_count, check_epsilon
 from dpmemarc_core.training.bk import PrivateTrainer
 from dpmemarc_core.training.config import ZO_PARAM_METHODS
@@ -84,7 +85,8 @@ class MemorySpec:
     engine: str = "bk"
     epsilon: float = 8.0
     clipping_mode: str = "mixed"
-    backward_passes: int | None = None  # BK's; None: the method's choice (model.recommended_backward_passes)
+    backward_passes: int | str | None = None  # BK's 1, 2 or "auto"; None: the method's choice
+    # (model.recommended_backward_passes)
     method_options: dict = field(default_factory=dict)
     attn_implementation: str | None = None  # None: the model's default (sdpa)
     seed: int = 0
@@ -106,7 +108,9 @@ class MemorySpec:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         check_epsilon(self.epsilon, "epsilon", allow_inf=True)  # inf: no noise
         if self.backward_passes is not None:  # None: the method's choice
-            check_count(self.backward_passes, "backward_passes", minimum=1, maximum=2)
+            if self.backward_passes not in BACKWARD_PASSES:
+                raise ValueError(f"backward_passes must be one of 1, 2, 'auto' (or None: the method's choice), "
+                                 f"got {self.backward_passes!r}")
             if self.engine != "bk":
                 raise ValueError(f"backward_passes is a setting of engine 'bk', not of {self.engine!r}")
         if self.method == "zo":

@@ -28,6 +28,11 @@ from dpmemarc_core.privacy.layers.contributions import (
 )
 
 BATCH_KEYS = ("input_ids", "inputs_embeds", "attention_mask", "labels")
+BACKWARD_PASSES = (1, 2, "auto")
+# backward_passes="auto" keeps BK buffers (as one pass does) while they hold at most this many of the largest
+# layer input or output-gradient tensors seen in the pass: a reversible stack's backward already holds one
+# sub-layer's graph with several such tensors, so this leaves its O(1)-in-depth peak in the same order.
+KEEP_BUDGET_TENSORS = 2
 _TAPPING: dict[int, torch.Tensor] = {}  # by id: anchors of engines whose BK backward pass is running now
 _ATTACHED: "weakref.WeakSet[BKEngine]" = weakref.WeakSet()
 
@@ -74,6 +79,20 @@ class _ParamBook:
     factored: list[Factored] = field(default_factory=list)
     squared_norm: torch.Tensor | None = None  # two-pass mode: reduced at once
 
+    def kept_squared_norm(self) -> torch.Tensor | None:
+        """Σ over calls of the kept contributions, squared per example (cross terms of reused weights
+        included); None when nothing is kept."""
+        squared = None
+        if self.instantiated is not None:
+            if self.factored:
+                raise RuntimeError("BKEngine: a parameter has both instantiated and factored uses")
+            pe = self.instantiated
+            squared = pe.to(norm_dtype(pe.dtype)).flatten(1).pow(2).sum(1)
+        for i, u in enumerate(self.factored):
+            term = factored_inner(u, u) + sum((2 * factored_inner(u, v) for v in self.factored[i + 1:]), 0)
+            squared = term if squared is None else squared + term
+        return squared
+
 
 class _Tap(torch.autograd.Function):
     @staticmethod
@@ -97,6 +116,12 @@ class BKEngine:
     `backward_passes=2` trades a second backward for memory: the first pass reduces each layer's
     contribution to per-example squared norms at once (nothing kept per layer), the second
     back-propagates Σ_i c_i L_i. That keeps BK buffers O(1) in depth, which reversible networks need.
+    `backward_passes="auto"` keeps the buffers as one pass does while they stay within
+    `KEEP_BUDGET_TENSORS` of the pass's largest activation tensors, and only when they outgrow it
+    reduces what it kept to squared norms and finishes as two passes: one pass whenever the trainable
+    part is small enough (per-example gradients of LoRA r=1 are tiny), memory O(1) in depth always.
+    It retains the forward graph through the first pass (as two passes do), so it suits models whose
+    forward keeps little (reversible stacks); `last_backward_passes` says what the last step ran.
     """
 
     def __init__(self, model: nn.Module, max_grad_norm: float = 1.0, clipping_mode: str = "mixed",
@@ -109,14 +134,15 @@ class BKEngine:
             raise ValueError(f"clip_fn must be one of {CLIP_FNS}, got {clip_fn!r}")
         if not (isinstance(gamma, (int, float)) and 0 < gamma < float("inf")):
             raise ValueError(f"gamma must be a finite number > 0, got {gamma!r}")
-        if backward_passes not in (1, 2):
-            raise ValueError(f"backward_passes must be 1 or 2, got {backward_passes!r}")
+        if backward_passes not in BACKWARD_PASSES:
+            raise ValueError(f"backward_passes must be 1, 2 or 'auto', got {backward_passes!r}")
         self.model = model
         self.max_grad_norm = float(max_grad_norm)
         self.clipping_mode = clipping_mode
         self.clip_fn = clip_fn
         self.gamma = float(gamma)
         self.backward_passes = backward_passes
+        self.last_backward_passes: int | None = None  # what the last clipped_backward ran (1 or 2)
         self.params = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
         if not self.params:
             raise ValueError("BKEngine: the model has no parameter with requires_grad=True")
@@ -126,6 +152,9 @@ class BKEngine:
         # "keep" (one-pass BK), "reduce" (first of two passes), "replay" (second of two passes: layers
         # recomputed in it are not booked) or "idle"
         self._phase = "idle"
+        self._budgeted = False  # "auto": "keep" reverts to "reduce" when the kept bytes outgrow the budget
+        self._kept_bytes = 0
+        self._largest_bytes = 0
         self._batch_size: int | None = None
         self.tap_backward_calls = 0  # layer-output gradients seen: one per layer call per backward pass
         self._ghost = GhostRule(clipping_mode, set())
@@ -193,10 +222,26 @@ class BKEngine:
         self.tap_backward_calls += 1
         if self._phase not in ("keep", "reduce") or not call.pending:
             return
+        if self._budgeted:
+            self._largest_bytes = max(self._largest_bytes, g.nbytes, 0 if call.a is None else call.a.nbytes)
         for param, contribution in call.handler.contributions(call.module, call.a, g.detach(), self._ghost):
             self._book(param, contribution)
         call.a = None  # the layer's BK buffer ends here unless the contribution kept it (factored)
         call.pending = False
+        if self._budgeted and self._kept_bytes > KEEP_BUDGET_TENSORS * self._largest_bytes:
+            self._reduce_kept()
+
+    def _reduce_kept(self) -> None:
+        """Over budget: turn what single-use parameters kept into squared norms and go on as the first of
+        two passes (reused weights keep theirs: their cross terms need every use)."""
+        for pid, book in self._books.items():
+            if pid in self._ghost.shared:
+                continue
+            squared = book.kept_squared_norm()
+            if squared is not None:
+                book.squared_norm = squared if book.squared_norm is None else book.squared_norm + squared
+                book.instantiated, book.factored = None, []
+        self._phase, self._budgeted = "reduce", False
 
     def _book(self, param: torch.Tensor, contribution: object) -> None:
         book = self._books.setdefault(id(param), _ParamBook())
@@ -209,8 +254,12 @@ class BKEngine:
             book.squared_norm = sq if book.squared_norm is None else book.squared_norm + sq
         elif isinstance(contribution, Instantiated):
             pe = contribution.per_example
+            if book.instantiated is None:
+                self._kept_bytes += pe.nbytes
             book.instantiated = pe if book.instantiated is None else book.instantiated + pe
         else:
+            self._kept_bytes += contribution.right.nbytes + (0 if contribution.left is None else
+                                                              contribution.left.nbytes)
             book.factored.append(contribution)
 
     # ---- the clipped backward --------------------------------------------------------------
@@ -241,15 +290,17 @@ class BKEngine:
         scaled = per_example_loss * loss_scale if loss_scale != 1.0 else per_example_loss
         try:
             _TAPPING[id(self._anchor)] = self._anchor
-            if self.backward_passes == 1:
-                self._phase = "keep"
-                torch.autograd.grad(scaled.sum(), [self._anchor], allow_unused=True)
+            self._phase = "reduce" if self.backward_passes == 2 else "keep"
+            self._budgeted = self.backward_passes == "auto"
+            torch.autograd.grad(scaled.sum(), [self._anchor], allow_unused=True,
+                                retain_graph=self.backward_passes != 1)
+            if self._phase == "keep":
+                self.last_backward_passes = 1
                 norms = self._norms(batch, per_example_loss) / loss_scale
                 factors = self._clip_factors(norms, loss_scale != 1.0)
                 self._add_clipped_sums(factors, keep=None if loss_scale == 1.0 else factors > 0)
             else:
-                self._phase = "reduce"
-                torch.autograd.grad(scaled.sum(), [self._anchor], allow_unused=True, retain_graph=True)
+                self.last_backward_passes = 2
                 norms = self._norms(batch, per_example_loss) / loss_scale
                 factors = self._clip_factors(norms, loss_scale != 1.0).to(per_example_loss.dtype)
                 self._phase = "replay"
@@ -270,6 +321,8 @@ class BKEngine:
 
     def _reset(self) -> None:
         self._phase = "idle"
+        self._budgeted = False
+        self._kept_bytes = self._largest_bytes = 0
         self._calls = []
         self._books = {}
         self._batch_size = None
@@ -278,17 +331,11 @@ class BKEngine:
         # Start in fp32 and let type promotion widen to the contributions' dtype (float64 stays float64).
         squared = torch.zeros(batch, dtype=norm_dtype(like.dtype), device=like.device)
         for book in self._books.values():
-            if book.instantiated is not None:
-                if book.factored:
-                    raise RuntimeError("BKEngine: a parameter has both instantiated and factored uses")
-                pe = book.instantiated
-                squared = squared + pe.to(norm_dtype(pe.dtype)).flatten(1).pow(2).sum(1)
+            kept = book.kept_squared_norm()
+            if kept is not None:
+                squared = squared + kept
             if book.squared_norm is not None:
                 squared = squared + book.squared_norm
-            for i, u in enumerate(book.factored):
-                squared = squared + factored_inner(u, u)
-                for v in book.factored[i + 1:]:
-                    squared = squared + 2 * factored_inner(u, v)
         return squared.clamp(min=0).sqrt()
 
     def _clip_factors(self, norms: torch.Tensor, drop_non_finite: bool = False) -> torch.Tensor:

@@ -8,15 +8,18 @@ graph; the backward replays the stack segment by segment from stream pairs store
 blocks and recomputes one sub-layer at a time (no block is inverted: see `coupling`).
 
 Memory and time, under BK clipping (`BKEngine`):
-- backward_passes=2 (recommended, `model.recommended_backward_passes`): the first pass reduces each
-  layer's per-example contribution to squared norms as soon as its g arrives, the second
-  back-propagates Σ c_i L_i through the stack again. Autograd keeps about 4·√L hidden-state
-  tensors (stored pairs plus one replayed segment) and one sub-layer's graph, and BK keeps no
-  per-layer buffer; the price is time: per pass, a replay of the blocks that do not start a
-  segment, a recompute and a backward of every block, after the step's one forward.
+- backward_passes=2: the first pass reduces each layer's per-example contribution to squared norms
+  as soon as its g arrives, the second back-propagates Σ c_i L_i through the stack again. Autograd
+  keeps about 4·√L hidden-state tensors (stored pairs plus one replayed segment) and one sub-layer's
+  graph, and BK keeps no per-layer buffer; the price is time: per pass, a replay of the blocks that
+  do not start a segment, a recompute and a backward of every block, after the step's one forward.
 - backward_passes=1: one pass of the same, but the engine keeps every layer's BK buffer
   (factored a, g or instantiated per-example gradients) until the backward ends: linear in depth
   again, though smaller than the activations when the LoRA/adapter gradients are instantiated.
+- backward_passes="auto" (recommended, `model.recommended_backward_passes`): one pass while the kept
+  buffers stay within two of the pass's largest activation tensors, else the rest as two passes
+  (`BKEngine`): one pass for small trainable parts (LoRA r=1 on MiniLM), two for the paper's r=64, and
+  BK buffers O(1) in depth either way (the simulated peaks at the paper's setting equal two passes').
 Figures: BENCHMARKS.md ("Reversible network").
 """
 
@@ -143,5 +146,5 @@ def apply_rev(model: nn.Module, r: int = 64, *, lora_alpha: float | None = None,
     parent_path, _, name = layout.blocks.rpartition(".")
     parent = model.base_model.get_submodule(parent_path) if parent_path else model.base_model
     setattr(parent, name, nn.ModuleList([ReversibleStack(blocks, attention, mlp, lam, beta, segment_size)]))
-    model.recommended_backward_passes = 2
+    model.recommended_backward_passes = "auto"
     return model
