@@ -57,7 +57,11 @@ ROWS: dict[str, tuple[str, int | None, bool, str]] = {
     "dp-rev-2pass": ("rev", 2, True, "DP reversible, BK, 2 backward passes"),
     "dp-rev-1pass": ("rev", 1, True, "DP reversible, BK, 1 backward pass"),
     "dp-zo": ("zo", None, True, "DPZero, forward only, all weights perturbed"),
+    # rev at the quick preset's rank: its 'auto' backward passes keep r=1's small buffers and run one pass.
+    "nondp-rev-r1": ("rev", None, False, "non-DP reversible, LoRA r=1 and adapter bottleneck 1"),
+    "dp-rev-r1": ("rev", None, True, "DP reversible, r=1, BK, backward passes 'auto'"),
 }
+ROW_OPTIONS: dict[str, dict] = {"nondp-rev-r1": {"r": 1}, "dp-rev-r1": {"r": 1}}  # method options; else defaults
 
 
 def stack(examples: list[dict]) -> dict[str, torch.Tensor]:
@@ -75,7 +79,7 @@ def build_trainer(row: str, model_name: str, batch_size: int, seq_len: int, devi
     torch.manual_seed(0)
     model = build_from_config(config, "generation", device=device)
     # zo perturbs the trainable part of another method; "full" is train()'s default zo_params.
-    model = apply(model, "full" if method == "zo" else method)
+    model = apply(model, "full" if method == "zo" else method, **ROW_OPTIONS.get(row, {}))
     if backward_passes is not None:
         model.recommended_backward_passes = backward_passes  # the trainer reads it to configure BK
     ids = random_ids(batch_size, seq_len, config.vocab_size, torch.device("cpu"))

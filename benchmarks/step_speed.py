@@ -57,11 +57,13 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "side": ("side", "non-DP side network, reduction 8 (dpmemarc trainer)"),
     "bk-side": ("side", "ours: BK DP side network, reduction 8"),
     "rev": ("rev", "non-DP reversible LoRA r=64 (dpmemarc trainer)"),
-    "bk-rev": ("rev", "ours: BK DP reversible, 2 backward passes (the default: BK buffers O(1) in depth)"),
+    "bk-rev": ("rev", "ours: BK DP reversible, backward passes 'auto' (the default; at r=64 it runs 2)"),
     "bk-rev-1pass": ("rev", "ours: BK DP reversible, 1 backward pass"),
+    "rev-r1": ("rev-r1", "non-DP reversible LoRA r=1, adapter bottleneck 1 (the quick preset's size)"),
+    "bk-rev-r1": ("rev-r1", "ours: BK DP reversible r=1, backward passes 'auto' (runs 1)"),
 }
 TRAINER_ROWS = {"side": "nondp-side", "bk-side": "dp-side", "rev": "nondp-rev", "bk-rev": "dp-rev",
-                "bk-rev-1pass": "dp-rev-1pass"}
+                "bk-rev-1pass": "dp-rev-1pass", "rev-r1": "nondp-rev-r1", "bk-rev-r1": "dp-rev-r1"}
 
 Step = Callable[[torch.Tensor], None]
 

@@ -40,6 +40,12 @@ def test_rows_build_the_trainer_users_get(method_speed, tiny_config):
     assert trainer_of("dp-rev").engine.backward_passes == "auto"
     assert trainer_of("dp-rev-2pass").engine.backward_passes == 2
     assert trainer_of("dp-rev-1pass").engine.backward_passes == 1
+    from dpmemarc_core.training.loop import StepStats
+
+    small, default = trainer_of("dp-rev-r1"), trainer_of("dp-rev")
+    assert sum(p.numel() for p in small.params) < sum(p.numel() for p in default.params)
+    small.step(list(range(2)), StepStats())
+    assert small.engine.last_backward_passes == 1  # 'auto' keeps r=1's buffers
     zo = trainer_of("dp-zo")
     assert isinstance(zo, ZOTrainer) and len(zo.params) == sum(1 for _ in zo.model.parameters())
 
