@@ -169,6 +169,24 @@ def test_a_preset_is_the_base_that_the_config_keys_override(tmp_path, tiny_bert)
         load_config(tmp_path / "bad.toml", "offline")
 
 
+def test_table2_and_figure2_offline_train_the_quick_preset_on_every_movie_snippet_and_the_whole_test_split():
+    from dpmemarc_core.training.presets import preset_config
+
+    every_snippet = len(data._movie_sentiment(0, None, None)[0])
+    for name in ("table2", "figure2"):
+        config = common.with_seed(load_config(CONFIG_DIR / f"{name}.toml", "offline"), 0)
+        for method in config["methods"]:
+            cell = common.train_config(config, "movie-sentiment", method, 8.0)
+            quick = preset_config("quick", method, delta="1/N")  # the paper's delta, as every table uses
+            assert cell.max_eval is None and (cell.max_train is None or cell.max_train >= every_snippet)
+            same = ("batch_size", "epochs", "max_length", "head_lr", "delta") + (() if method == "zo" else ("lr",))
+            assert {k: getattr(cell, k) for k in same} == {k: getattr(quick, k) for k in same}, (name, method)
+            if name == "table2":
+                assert cell.method_options == quick.method_options
+            else:  # figure2's rev at r=2, the smallest rank where every F differs from LoRA
+                assert cell.method_options == {**quick.method_options, "r": 2}
+
+
 def done_cell(seed: int, accuracy: float, *, before: float = 0.5, counts: dict | None = None, task: str = "synthetic",
               method: str = "lora", epsilon: str = "8") -> dict:
     """A finished classification cell as train_cell stores it (only what the tables read)."""
