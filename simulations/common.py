@@ -483,12 +483,20 @@ def memory_cell(spec: dict) -> dict:
 
 
 def memory_jobs(specs: Iterable[dict]) -> list[tuple[str, dict, Callable[[], dict]]]:
+    """One job per distinct spec. A cell is defined by its spec and by the code that simulates it: the memory
+    cache's `code_fingerprint` (the sources a simulated step runs, the shipped model configs, the torch /
+    transformers / peft / opacus versions), so a library change recomputes the stored cells rather than
+    showing figures the simulator no longer gives. A source hash, not a version constant bumped by hand:
+    nobody has to remember it, and it hashes file contents by relative path, so every clone of one commit
+    (with the same library versions) agrees on it."""
+    from dpmemarc_core.memory.cache import code_fingerprint
+
     jobs, seen = [], set()
     for spec in specs:
         cell_id = memory_cell_id(spec)
         if cell_id not in seen:
             seen.add(cell_id)
-            jobs.append((cell_id, {"spec": spec}, lambda s=spec: memory_cell(s)))
+            jobs.append((cell_id, {"spec": spec, "code": code_fingerprint()}, lambda s=spec: memory_cell(s)))
     return jobs
 
 

@@ -1,5 +1,5 @@
 """The paper-reproduction scripts on tiny stand-ins: configs (the recipe keys head_lr and preset), resumable cells
-per seed (stale when their settings changed), the statistics over seeds
+per seed (stale when their settings or, for memory, the simulating code changed), the statistics over seeds
 (mean ± sd, Welch intervals, the class prior), Markdown with the paper's numbers, cells in parallel processes,
 paper scale failing fast without the hub, and its wiring when the hub is (pretended) there."""
 
@@ -339,6 +339,48 @@ def test_a_cell_trained_with_another_head_lr_or_evaluation_size_is_not_read_back
         (tmp_path / "new.toml").write_text(changed)
         (new,) = common.training_jobs(load_config(tmp_path / "new.toml", "offline"))
         assert new.cell_id == old.cell_id and common.stored_cell(store, new) is None
+
+
+def test_a_memory_cell_simulated_by_other_code_is_computed_again(tmp_path, monkeypatch):
+    from dpmemarc_core.memory import cache
+
+    spec = {"model": "roberta-large", "method": "rev", "batch_size": 32, "seq_len": 128, "precision": "bf16",
+            "device": "meta", "epsilon": 8.0, "method_options": {"r": 64}, "engine": "bk"}
+    simulated = []
+    monkeypatch.setattr(common, "memory_cell", lambda s: simulated.append(s) or {"peak_gib": 1.27})
+    store = common.memory_store(tmp_path)
+    [(cell_id, fields, _)] = common.memory_jobs([spec])
+    assert fields["code"] == cache.code_fingerprint()
+    stale = {"spec": spec, "code": "the simulator of an older commit"}
+    store.save({"id": cell_id, **stale, "fingerprint": fingerprint(stale), "status": "done", "peak_gib": 1.94})
+    cells = run_cells(store, common.memory_jobs([spec]))
+    assert simulated == [spec] and cells[cell_id]["peak_gib"] == 1.27
+    assert run_cells(store, common.memory_jobs([spec]))[cell_id]["peak_gib"] == 1.27 and len(simulated) == 1
+
+
+def test_the_code_fingerprint_follows_step_sources_not_mtimes_or_paths(tmp_path, monkeypatch):
+    from dpmemarc_core.memory import cache
+
+    def fingerprint_of(package) -> str:
+        monkeypatch.setattr(cache, "_PACKAGE_DIR", package)
+        cache.code_fingerprint.cache_clear()
+        return cache.code_fingerprint()
+
+    for clone in ("a", "b"):
+        (tmp_path / clone / "methods").mkdir(parents=True)
+        (tmp_path / clone / "cli").mkdir()
+        (tmp_path / clone / "methods" / "lora.py").write_text("R = 64\n")
+        (tmp_path / clone / "cli" / "main.py").write_text("print()\n")
+    try:
+        first = fingerprint_of(tmp_path / "a")
+        os.utime(tmp_path / "a" / "methods" / "lora.py", (1, 1))
+        assert fingerprint_of(tmp_path / "a") == first == fingerprint_of(tmp_path / "b")  # another clone, same bytes
+        (tmp_path / "a" / "cli" / "main.py").write_text("print('a command the step never runs')\n")
+        assert fingerprint_of(tmp_path / "a") == first
+        (tmp_path / "a" / "methods" / "lora.py").write_text("R = 32\n")
+        assert fingerprint_of(tmp_path / "a") != first
+    finally:
+        cache.code_fingerprint.cache_clear()
 
 
 def test_cells_run_in_parallel_processes_with_the_cores_split(tmp_path):
