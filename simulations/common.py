@@ -35,7 +35,10 @@ DEFAULT_RESULTS = SIMULATIONS_DIR.parent / "results"
 SCALES = ("paper", "offline")
 TRAIN_KEYS = {"model", "tasks", "paper_columns", "methods", "epsilons", "batch_size", "lr", "max_length", "max_train",
               "max_eval", "max_steps", "epochs", "seeds", "physical_batch_size", "device", "method_options",
-              "method_lr", "max_grad_norm", "eval_every", "zo_params", "delta"}
+              "method_lr", "max_grad_norm", "eval_every", "zo_params", "delta", "head_lr", "preset"}
+# The TrainConfig fields a config sets for every cell (train_settings); the rest are read per method or by a script.
+SETTING_KEYS = ("batch_size", "lr", "head_lr", "max_length", "max_train", "max_eval", "max_steps", "epochs", "seed",
+                "physical_batch_size", "device", "max_grad_norm", "delta")
 
 
 def epsilon_key(epsilon: float) -> str:
@@ -140,6 +143,15 @@ def load_config(path: Path, scale: str, quick: bool = False) -> dict:
     for epsilon in merged["epsilons"]:
         if not (isinstance(epsilon, (int, float)) and epsilon > 0):
             raise ValueError(f"{path}: epsilons must be numbers > 0 (inf for non-private), got {epsilon!r}")
+    head_lr = merged.get("head_lr")
+    if head_lr is not None and not (type(head_lr) in (int, float) and 0 < head_lr < math.inf):
+        raise ValueError(f"{path}: head_lr (the classifier head's DP-Adam rate) must be a finite number > 0, "
+                         f"got {head_lr!r}")
+    if "preset" in merged:
+        from dpmemarc_core.training.presets import PRESETS
+        if merged["preset"] not in PRESETS:
+            raise ValueError(f"{path}: preset must be one of {list(PRESETS)} (dpmemarc train --preset), "
+                             f"got {merged['preset']!r}")
     seeds = merged.setdefault("seeds", [0])
     if not (isinstance(seeds, list) and seeds and all(type(seed) is int for seed in seeds)
             and len(set(seeds)) == len(seeds)):
@@ -303,15 +315,31 @@ def run_cells(store: CellStore, jobs: Iterable[Job | tuple], selected: Callable[
 # ---- training cells -------------------------------------------------------------------------------------
 
 
+def preset_settings(name: str, method: str) -> dict:
+    """The TrainConfig fields `dpmemarc train --preset NAME --method METHOD` sets away from TrainConfig's defaults
+    (`presets.preset_config`), so a config naming a preset trains what the command trains, and a retuned preset
+    changes the cells' settings (and so their fingerprints) without an edit to the config."""
+    from dataclasses import asdict
+
+    from dpmemarc_core.training.config import TrainConfig
+    from dpmemarc_core.training.presets import preset_config
+    preset, default = asdict(preset_config(name, method)), asdict(TrainConfig(method=method))
+    return {k: v for k, v in preset.items() if v != default[k]}
+
+
 def train_settings(config: dict, task: str, method: str, epsilon: float, **overrides) -> dict:
-    """The TrainConfig fields one cell sets (the rest are TrainConfig's defaults). They define the cell: a
-    new TrainConfig field with a default leaves finished cells valid."""
-    fields = {k: config[k] for k in ("batch_size", "lr", "max_length", "max_train", "max_eval", "max_steps", "epochs",
-                                     "seed", "physical_batch_size", "device", "max_grad_norm", "delta") if k in config}
+    """The TrainConfig fields one cell sets (the rest are TrainConfig's defaults): the config's `preset` for the
+    method, overridden by the config's own keys (method options merged over the preset's, as the command
+    merges --method-option). They define the cell: a new TrainConfig field with a default leaves finished
+    cells valid."""
+    preset = preset_settings(config["preset"], method) if "preset" in config else {}
+    fields = {**preset, **{k: config[k] for k in SETTING_KEYS if k in config}}
     fields["lr"] = config.get("method_lr", {}).get(method, fields.get("lr", 5e-4))
-    fields["method_options"] = dict(config.get("method_options", {}).get(method, {}))
-    if method == "zo" and "zo_params" in config:
-        fields["zo_params"] = config["zo_params"]
+    fields["method_options"] = {**preset.get("method_options", {}), **config.get("method_options", {}).get(method, {})}
+    if method == "zo":
+        fields.pop("head_lr", None)  # DPZero steps every coordinate alike: the trainer has no head rate to set
+        if "zo_params" in config:
+            fields["zo_params"] = config["zo_params"]
     return {"model": config["model"], "task": task, "method": method, "epsilon": epsilon, **fields, **overrides}
 
 
@@ -455,12 +483,20 @@ def memory_cell(spec: dict) -> dict:
 
 
 def memory_jobs(specs: Iterable[dict]) -> list[tuple[str, dict, Callable[[], dict]]]:
+    """One job per distinct spec. A cell is defined by its spec and by the code that simulates it: the memory
+    cache's `code_fingerprint` (the sources a simulated step runs, the shipped model configs, the torch /
+    transformers / peft / opacus versions), so a library change recomputes the stored cells rather than
+    showing figures the simulator no longer gives. A source hash, not a version constant bumped by hand:
+    nobody has to remember it, and it hashes file contents by relative path, so every clone of one commit
+    (with the same library versions) agrees on it."""
+    from dpmemarc_core.memory.cache import code_fingerprint
+
     jobs, seen = [], set()
     for spec in specs:
         cell_id = memory_cell_id(spec)
         if cell_id not in seen:
             seen.add(cell_id)
-            jobs.append((cell_id, {"spec": spec}, lambda s=spec: memory_cell(s)))
+            jobs.append((cell_id, {"spec": spec, "code": code_fingerprint()}, lambda s=spec: memory_cell(s)))
     return jobs
 
 
@@ -662,12 +698,24 @@ def run_table(name: str, args: argparse.Namespace, config: dict, started: tuple[
 
 
 def scale_note(config: dict) -> str:
+    """The scale and the training settings of its cells as `train_settings` resolves them (the config's preset
+    included): those every method shares, then each method's own."""
     if config["scale"] == "paper":
         return f"Scale: paper ({config['model']}; tasks {', '.join(config['tasks'])})."
-    steps = config.get("max_steps") or f"{config.get('epochs', 1)} epoch(s)"
-    return (f"Scale: {'quick (smoke run)' if config['quick'] else 'offline'}: {config['model']} on "
-            f"{', '.join(config['tasks'])}; max_train={config.get('max_train')}, max_eval={config.get('max_eval')}, "
-            f"steps={steps}, B={config.get('batch_size', 32)}, "
-            f"lr={config.get('lr', 5e-4)} (per method: {config.get('method_lr', {})}), "
-            f"method options {config.get('method_options', {})}. These are stand-ins for "
-            "the paper's models and data, so the paper's numbers in brackets are a reference, not a target.")
+    per_method = {m: {k: v for k, v in train_settings(config, "", m, math.inf).items()
+                      if k not in ("model", "task", "method", "epsilon") and v != {}}
+                  for m in config["methods"]}
+    shared = {k: v for k, v in next(iter(per_method.values())).items()
+              if all(k in s and s[k] == v for s in per_method.values())}
+    shared |= {k: "all" for k in ("max_train", "max_eval") if all(k not in s for s in per_method.values())}
+    own = ["{}: {}".format(m, ", ".join(f"{k}={v}" for k, v in s.items() if k not in shared))
+           for m, s in per_method.items() if set(s) - set(shared)]
+    text = (f"Scale: {'quick (smoke run)' if config['quick'] else 'offline'}: {config['model']} on "
+            f"{', '.join(config['tasks'])}; ")
+    if "preset" in config:
+        text += f"each method from `dpmemarc train --preset {config['preset']}`, overridden by the config: "
+    text += ", ".join(f"{k}={v}" for k, v in sorted(shared.items()))
+    if own:
+        text += f" (per method: {'; '.join(own)})"
+    return text + (". These are stand-ins for the paper's models and data, so the paper's numbers in brackets are a "
+                   "reference, not a target.")

@@ -1,4 +1,5 @@
-"""The paper-reproduction scripts on tiny stand-ins: configs, resumable cells per seed, the statistics over seeds
+"""The paper-reproduction scripts on tiny stand-ins: configs (the recipe keys head_lr and preset), resumable cells
+per seed (stale when their settings or, for memory, the simulating code changed), the statistics over seeds
 (mean ± sd, Welch intervals, the class prior), Markdown with the paper's numbers, cells in parallel processes,
 paper scale failing fast without the hub, and its wiring when the hub is (pretended) there."""
 
@@ -123,6 +124,67 @@ def test_shipped_configs_parse_for_every_scale():
             assert config["methods"] and config["epsilons"]
             if name != "table4" and not quick:  # table4 trains nothing
                 assert config["seeds"] == [0, 1, 2]
+
+
+def test_head_lr_key_reaches_the_trainer_and_a_bad_value_names_the_key(tmp_path, tiny_bert, monkeypatch):
+    path = write_config(tmp_path / "t.toml", tiny_bert, tiny_bert, methods=("lora", "zo"), epsilons=("8.0",))
+    text = (tmp_path / "t.toml").read_text().replace("max_steps = 1", "max_steps = 1\nlr = 1e-3\nhead_lr = 0.05")
+    (tmp_path / "t.toml").write_text(text)
+    config = common.with_seed(load_config(path, "offline"), 0)
+    assert common.train_config(config, "synthetic", "lora", 8.0).head_lr == 0.05
+    assert common.train_config(config, "synthetic", "zo", 8.0).head_lr is None  # DPZero has no head rate
+
+    from dpmemarc_core import single_site
+    trainers = []
+
+    def recording(*args, **kwargs):
+        trainers.append(build_trainer(*args, **kwargs))
+        return trainers[-1]
+
+    build_trainer = single_site.make_trainer
+    monkeypatch.setattr(single_site, "make_trainer", recording)
+    assert common.train_cell(config, "synthetic", "lora", 8.0)["steps"] == 1
+    assert sorted(group["lr"] for group in trainers[0].optimizer.param_groups) == [1e-3, 0.05]
+
+    for bad in ("0", "-0.02", "inf", "nan", "true", '"0.02"'):
+        (tmp_path / "bad.toml").write_text(text.replace("head_lr = 0.05", f"head_lr = {bad}"))
+        with pytest.raises(ValueError, match="head_lr .* must be a finite number > 0"):
+            load_config(tmp_path / "bad.toml", "offline")
+
+
+def test_a_preset_is_the_base_that_the_config_keys_override(tmp_path, tiny_bert):
+    from dpmemarc_core.training.presets import QUICK_HEAD_LR, preset_config
+
+    path = write_config(tmp_path / "t.toml", tiny_bert, tiny_bert, methods=("lora", "side"), epsilons=("8.0",))
+    text = (tmp_path / "t.toml").read_text().replace("[offline]\n", '[offline]\npreset = "quick"\n')
+    (tmp_path / "t.toml").write_text(text)
+    config = common.with_seed(load_config(path, "offline"), 0)
+    lora = common.train_config(config, "synthetic", "lora", 8.0)
+    assert (lora.lr, lora.head_lr, lora.epochs) == (5e-3, QUICK_HEAD_LR, 1.0)  # the preset's
+    assert (lora.batch_size, lora.max_eval, lora.method_options) == (2, 8, {"r": 4})  # the config's keys win
+    side = common.train_config(config, "synthetic", "side", 8.0)
+    assert (side.lr, side.method_options) == (preset_config("quick", "side").lr, {"reduction": 16})
+    (tmp_path / "bad.toml").write_text(text.replace('"quick"', '"fast"'))
+    with pytest.raises(ValueError, match="preset must be one of"):
+        load_config(tmp_path / "bad.toml", "offline")
+
+
+def test_table2_and_figure2_offline_train_the_quick_preset_on_every_movie_snippet_and_the_whole_test_split():
+    from dpmemarc_core.training.presets import preset_config
+
+    every_snippet = len(data._movie_sentiment(0, None, None)[0])
+    for name in ("table2", "figure2"):
+        config = common.with_seed(load_config(CONFIG_DIR / f"{name}.toml", "offline"), 0)
+        for method in config["methods"]:
+            cell = common.train_config(config, "movie-sentiment", method, 8.0)
+            quick = preset_config("quick", method, delta="1/N")  # the paper's delta, as every table uses
+            assert cell.max_eval is None and (cell.max_train is None or cell.max_train >= every_snippet)
+            same = ("batch_size", "epochs", "max_length", "head_lr", "delta") + (() if method == "zo" else ("lr",))
+            assert {k: getattr(cell, k) for k in same} == {k: getattr(quick, k) for k in same}, (name, method)
+            if name == "table2":
+                assert cell.method_options == quick.method_options
+            else:  # figure2's rev at r=2, the smallest rank where every F differs from LoRA
+                assert cell.method_options == {**quick.method_options, "r": 2}
 
 
 def done_cell(seed: int, accuracy: float, *, before: float = 0.5, counts: dict | None = None, task: str = "synthetic",
@@ -262,6 +324,63 @@ def test_a_single_draw_cell_counts_as_seed_0_only_when_its_settings_match(tmp_pa
     assert shown == {}  # other settings: the old draw is stale, not shown as seed 0
     run_cells(store, seed_jobs([0], calls, lr=2.0))
     assert calls == [1, 0]
+
+
+def test_a_cell_trained_with_another_head_lr_or_evaluation_size_is_not_read_back(tmp_path, tiny_bert):
+    path = write_config(tmp_path / "t.toml", tiny_bert, tiny_bert, methods=("lora",), epsilons=("8.0",))
+    text = (tmp_path / "t.toml").read_text()
+    store = CellStore(tmp_path / "cells")
+    (old,) = common.training_jobs(load_config(path, "offline"))
+    store.save({"id": old.cell_id, **old.fields, "fingerprint": fingerprint(old.fields), "status": "done"})
+    assert common.stored_cell(store, old) is not None
+    for changed in (text.replace("max_steps = 1", "max_steps = 1\nhead_lr = 0.02"),
+                    text.replace("max_eval = 8\n", ""),  # the whole evaluation split
+                    text.replace("max_eval = 8", "max_eval = 16")):
+        (tmp_path / "new.toml").write_text(changed)
+        (new,) = common.training_jobs(load_config(tmp_path / "new.toml", "offline"))
+        assert new.cell_id == old.cell_id and common.stored_cell(store, new) is None
+
+
+def test_a_memory_cell_simulated_by_other_code_is_computed_again(tmp_path, monkeypatch):
+    from dpmemarc_core.memory import cache
+
+    spec = {"model": "roberta-large", "method": "rev", "batch_size": 32, "seq_len": 128, "precision": "bf16",
+            "device": "meta", "epsilon": 8.0, "method_options": {"r": 64}, "engine": "bk"}
+    simulated = []
+    monkeypatch.setattr(common, "memory_cell", lambda s: simulated.append(s) or {"peak_gib": 1.27})
+    store = common.memory_store(tmp_path)
+    [(cell_id, fields, _)] = common.memory_jobs([spec])
+    assert fields["code"] == cache.code_fingerprint()
+    stale = {"spec": spec, "code": "the simulator of an older commit"}
+    store.save({"id": cell_id, **stale, "fingerprint": fingerprint(stale), "status": "done", "peak_gib": 1.94})
+    cells = run_cells(store, common.memory_jobs([spec]))
+    assert simulated == [spec] and cells[cell_id]["peak_gib"] == 1.27
+    assert run_cells(store, common.memory_jobs([spec]))[cell_id]["peak_gib"] == 1.27 and len(simulated) == 1
+
+
+def test_the_code_fingerprint_follows_step_sources_not_mtimes_or_paths(tmp_path, monkeypatch):
+    from dpmemarc_core.memory import cache
+
+    def fingerprint_of(package) -> str:
+        monkeypatch.setattr(cache, "_PACKAGE_DIR", package)
+        cache.code_fingerprint.cache_clear()
+        return cache.code_fingerprint()
+
+    for clone in ("a", "b"):
+        (tmp_path / clone / "methods").mkdir(parents=True)
+        (tmp_path / clone / "cli").mkdir()
+        (tmp_path / clone / "methods" / "lora.py").write_text("R = 64\n")
+        (tmp_path / clone / "cli" / "main.py").write_text("print()\n")
+    try:
+        first = fingerprint_of(tmp_path / "a")
+        os.utime(tmp_path / "a" / "methods" / "lora.py", (1, 1))
+        assert fingerprint_of(tmp_path / "a") == first == fingerprint_of(tmp_path / "b")  # another clone, same bytes
+        (tmp_path / "a" / "cli" / "main.py").write_text("print('a command the step never runs')\n")
+        assert fingerprint_of(tmp_path / "a") == first
+        (tmp_path / "a" / "methods" / "lora.py").write_text("R = 32\n")
+        assert fingerprint_of(tmp_path / "a") != first
+    finally:
+        cache.code_fingerprint.cache_clear()
 
 
 def test_cells_run_in_parallel_processes_with_the_cores_split(tmp_path):
