@@ -1,0 +1,204 @@
+"""The private recipe over seeds: `dpmemarc train` (the `quick` preset) per method × ε × seed, on the offline
+MiniLM + movie snippets, with each cell's test accuracy summarised as mean ± sd and the issue's claims checked.
+
+A cell is exactly the command a user runs, one process each (its own torch threads), so what is measured is
+the product's behaviour, not a copy of it:
+
+    dpmemarc train --method M --seed S --epsilon E --no-progress --output <out>/cells/M-sS-eE
+
+A cell whose folder holds a summary.json is done and not run again (a re-run resumes). Seeds also draw the
+train/test split of the movie snippets, so each seed is evaluated on its own 1057 test snippets.
+
+    python -m simulations.recipe_study                              # 6 methods × ε 8, 1.6, inf × 3 seeds
+    python -m simulations.recipe_study --methods lora --epsilons 8,inf --jobs 2
+    python -m simulations.recipe_study --report                     # the table from the cells done so far
+
+Writes <out>/recipe_study.json (per cell: settings, accuracy before/after, ε spent, training seconds; per
+group: mean ± sd over seeds) and <out>/recipe_study.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from simulations.common import (
+    DEFAULT_RESULTS,
+    available_cores,
+    epsilon_key,
+    epsilon_label,
+    margin_verdict,
+    markdown_table,
+    welch_interval,
+    write_json_atomic,
+    write_text_atomic,
+)
+
+METHODS = ("lora", "adapter", "bitfit", "full", "side", "rev")
+EPSILONS = ("8", "1.6", "inf")
+SEEDS = (0, 1, 2)
+# The issue's aims (percent test accuracy, mean over seeds): the private linear probe's level at ε = 8, LoRA,
+# side and rev within 2 points of non-private LoRA, and at ε = 1.6 at least 75.
+PROBE_LEVEL, WITHIN_NON_PRIVATE, LOW_EPSILON_LEVEL = 77.0, 2.0, 75.0
+
+
+def cell_name(method: str, seed: int | str, epsilon: str) -> str:
+    return f"{method}-s{seed}-e{epsilon}"
+
+
+def command(method: str, seed: int, epsilon: str, directory: Path) -> list[str]:
+    return ["dpmemarc", "train", "--method", method, "--seed", str(seed), "--epsilon", epsilon, "--no-progress",
+            "--output", str(directory)]
+
+
+def run_cell(method: str, seed: int, epsilon: str, cells: Path, threads: int) -> None:
+    directory = cells / cell_name(method, seed, epsilon)
+    if (directory / "summary.json").exists():
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    with open(directory.with_suffix(".log"), "w") as log:
+        proc = subprocess.run(command(method, seed, epsilon, directory), stdout=log, stderr=subprocess.STDOUT,
+                              env=env, check=False)  # a failed cell is reported, the others still run
+    status = "done" if proc.returncode == 0 else f"failed (exit {proc.returncode}; see {directory.name}.log)"
+    print(f"{cell_name(method, seed, epsilon)}: {status} in {time.perf_counter() - started:.0f} s", flush=True)
+
+
+def read_cell(directory: Path) -> dict | None:
+    path = directory / "summary.json"
+    if not path.exists():
+        return None
+    summary = json.loads(path.read_text())
+    diagnostics = summary.get("non_private_diagnostics", {})
+    return {"seed": summary["config"]["seed"], "accuracy_before": 100 * summary["metrics_before"]["accuracy"],
+            "accuracy": 100 * summary["metrics"]["accuracy"], "eval_examples": summary["eval_examples"],
+            "epsilon_spent": summary["epsilon"], "delta": summary["delta"], "steps": summary["steps"],
+            "train_seconds": diagnostics.get("train_seconds"), "clipped_fraction": diagnostics.get("clipped_fraction"),
+            "command": " ".join(command(summary["method"], summary["config"]["seed"],
+                                        directory.name.rsplit("-e", 1)[1], directory))}
+
+
+def summary_of(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values) if values else None,
+            "sd": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
+
+
+def shown(summary: dict) -> str:
+    if not summary["n"]:
+        return "not run"
+    if summary["n"] == 1:
+        return f"{summary['mean']:.1f} (one seed)"
+    return f"{summary['mean']:.1f} ± {summary['sd']:.1f} (n={summary['n']})"
+
+
+def collect(cells: Path, methods: list[str], epsilons: list[str]) -> dict:
+    groups = {}
+    for method in methods:
+        for epsilon in epsilons:
+            # every seed done, in seed order (not only the default seeds)
+            found = [c for c in map(read_cell, cells.glob(cell_name(method, "*", epsilon))) if c is not None]
+            found.sort(key=lambda c: c["seed"])
+            groups[f"{method}/{epsilon_key(float(epsilon))}"] = {
+                "method": method, "epsilon": epsilon, "cells": found,
+                "accuracy": summary_of([c["accuracy"] for c in found])}
+    return groups
+
+
+def claims(groups: dict) -> list[str]:
+    """The issue's aims, each judged on the seeds done (a 95 % Welch interval where a difference is claimed)."""
+    lines = []
+    non_private = groups.get("lora/inf", {}).get("cells", [])
+    for group in groups.values():
+        acc = group["accuracy"]
+        if not acc["n"]:
+            continue
+        if group["epsilon"] == "8":
+            lines.append(f"- {group['method']} at ε = 8 ≥ {PROBE_LEVEL:.0f} %: mean {acc['mean']:.1f} "
+                         f"({'met' if acc['mean'] >= PROBE_LEVEL else 'not met'}, n = {acc['n']})")
+            if group["method"] in ("lora", "side", "rev") and non_private:
+                interval = welch_interval([c["accuracy"] for c in group["cells"]],
+                                          [c["accuracy"] for c in non_private])
+                spread = "" if interval is None else (f" [{interval['low']:+.1f}, {interval['high']:+.1f}] "
+                                                      f"(95 % Welch)")
+                difference = acc["mean"] - summary_of([c["accuracy"] for c in non_private])["mean"]
+                lines.append(f"  - within {WITHIN_NON_PRIVATE:.0f} points of non-private LoRA: {difference:+.1f}"
+                             f"{spread}: {margin_verdict(interval, WITHIN_NON_PRIVATE)}")
+        elif group["epsilon"] == "1.6":
+            lines.append(f"- {group['method']} at ε = 1.6 ≥ {LOW_EPSILON_LEVEL:.0f} %: mean {acc['mean']:.1f} "
+                         f"({'met' if acc['mean'] >= LOW_EPSILON_LEVEL else 'not met'}, n = {acc['n']})")
+    return lines
+
+
+def render(groups: dict, methods: list[str], epsilons: list[str]) -> str:
+    rows = [[method] + [shown(groups[f"{method}/{epsilon_key(float(e))}"]["accuracy"]) for e in epsilons]
+            for method in methods]
+    table = markdown_table(["method (quick preset)"] + [epsilon_label(float(e)) for e in epsilons], rows)
+    seeds = [markdown_table(["cell", "test acc % before → after", "n eval", "ε spent", "train s"],
+                            [[f"{g['method']} ε={g['epsilon']} seed {c['seed']}",
+                              f"{c['accuracy_before']:.1f} → {c['accuracy']:.1f}", str(c["eval_examples"]),
+                              "∞" if c["epsilon_spent"] == float("inf") else f"{c['epsilon_spent']:.3f}",
+                              "" if c["train_seconds"] is None else f"{c['train_seconds']:.0f}"]
+                             for g in groups.values() for c in g["cells"]])]
+    intro = ("Test accuracy (%) of `dpmemarc train --method M --epsilon E --seed S` on MiniLM + movie snippets, "
+             "mean ± sd over seeds (each seed its own 1057-snippet test split).")
+    return "\n\n".join([intro, table,
+        "Aims (issue 19):", "\n".join(claims(groups)) or "(no cell done)", "Per seed:", *seeds])
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m simulations.recipe_study", description=__doc__.split("\n")[0])
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, of " + ", ".join(METHODS))
+    parser.add_argument("--epsilons", default=",".join(EPSILONS), help="comma-separated, e.g. 8,1.6,inf")
+    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated integer seeds")
+    parser.add_argument("--jobs", type=int, default=1, help="cells run at once (each with cores/jobs threads)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_RESULTS / "recipe_study", help="results directory")
+    parser.add_argument("--report", action="store_true", help="run nothing; write the table from the cells done")
+    args = parser.parse_args(argv)
+    args.methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(args.methods) - set(METHODS))
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; accepted: {', '.join(METHODS)}")
+    args.epsilons = [e for e in args.epsilons.split(",") if e]
+    for e in args.epsilons:
+        try:
+            if not float(e) > 0:
+                raise ValueError
+        except ValueError:
+            parser.error(f"--epsilons: {e!r} is not a number > 0 (or inf)")
+    try:
+        args.seeds = [int(s) for s in args.seeds.split(",") if s]
+    except ValueError:
+        parser.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
+    if args.jobs < 1:
+        parser.error(f"--jobs must be an integer >= 1, got {args.jobs}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cells = args.out / "cells"
+    started = time.perf_counter()
+    if not args.report:
+        threads = max(1, available_cores() // args.jobs)
+        todo = [(m, s, e) for e in args.epsilons for m in args.methods for s in args.seeds]
+        with ThreadPoolExecutor(args.jobs) as pool:  # each cell is its own process; threads only wait on them
+            list(pool.map(lambda job: run_cell(*job, cells, threads), todo))
+    groups = collect(cells, args.methods, args.epsilons)
+    write_json_atomic(args.out / "recipe_study.json",
+                      {"wall_seconds_this_run": time.perf_counter() - started, "groups": groups})
+    markdown = render(groups, args.methods, args.epsilons)
+    write_text_atomic(args.out / "recipe_study.md", markdown + "\n")
+    print(markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
