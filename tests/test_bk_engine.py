@@ -371,16 +371,22 @@ def test_per_example_loss_keeps_float64():
     assert per_example_loss(logits[:, 0], labels[:, 0]).dtype == torch.float64
 
 
-@pytest.mark.parametrize("rows,cols,seq_len,factored", [
-    (768, 64, 128, True),     # LoRA A at T=128: 49k numbers > 2T² = 33k
-    (768, 64, 512, False),    # the same at T=512: 2T² = 524k
-    (768, 3072, 128, True),   # GPT-2 c_fc
-    (96, 96, 128, False),     # a small side-network layer
+@pytest.mark.parametrize("rows,cols,seq_len,dtypes,factored", [
+    (768, 3072, 128, "fp32", True),   # GPT-2 c_fc: 2.4M numbers > 2T² = 33k and > T·(768 + 3072) = 492k
+    (768, 768, 128, "fp32", True),    # attention c_proj: 590k > 197k
+    (768, 64, 128, "fp32", False),    # LoRA A at T=128: 49k > 2T², but ≤ T·(768 + 64) = 106k (a and g kept)
+    (64, 2304, 128, "fp32", False),   # LoRA B at T=128: 147k ≤ T·(64 + 2304) = 303k
+    (768, 64, 512, "fp32", False),    # LoRA A at T=512: 2T² = 524k (BK-MixOpt's rule)
+    (96, 96, 128, "fp32", False),     # a small side-network layer: 9k ≤ 2T²
+    (128, 1024, 128, "fp32", False),  # side up-projection, all fp32: 131k ≤ T·1152 = 147k
+    (128, 1024, 128, "bf16", True),   # the same with bf16 a, g and an fp32 weight: 524 kB > 295 kB
 ])
-def test_mixed_rule_is_bk_mixopt(rows, cols, seq_len, factored):
+def test_mixed_rule(rows, cols, seq_len, dtypes, factored):
     from dpmemarc_core.privacy.layers import GhostRule
+    act = torch.bfloat16 if dtypes == "bf16" else torch.float32
     param = torch.empty(rows, cols)
-    assert GhostRule("mixed", set())(param, seq_len) is factored
-    assert GhostRule("ghost", set())(param, seq_len) is True
-    assert GhostRule("instantiate", set())(param, seq_len) is False
-    assert GhostRule("instantiate", {id(param)})(param, seq_len) is True  # used twice: cross terms need factors
+    a, g = torch.empty(2, seq_len, rows, dtype=act), torch.empty(2, seq_len, cols, dtype=act)
+    assert GhostRule("mixed", set())(param, a, g) is factored
+    assert GhostRule("ghost", set())(param, a, g) is True
+    assert GhostRule("instantiate", set())(param, a, g) is False
+    assert GhostRule("instantiate", {id(param)})(param, a, g) is True  # used twice: cross terms need factors

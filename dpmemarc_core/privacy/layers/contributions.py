@@ -90,13 +90,16 @@ def instantiated_clipped_sum(per_example: torch.Tensor, scale: torch.Tensor) -> 
 
 
 class GhostRule:
-    """Decides, per parameter and sequence length, whether a weight's per-example gradient stays factored.
+    """Decides, per layer call, whether a weight's per-example gradient stays factored.
 
-    "mixed" is BK-MixOpt: the ghost norm costs ~B·T² per layer, instantiating ~B·rows·cols, so keep it
-    factored when 2T² < rows·cols. (Instantiating also whenever the per-example gradient is no larger than
-    the a and g the factored form keeps was tried: no measurable step-time gain on GPT-2 small, and the side
-    network's peak memory rose by a quarter, its per-example gradients being fp32 where a and g are bf16;
-    BENCHMARKS.md, "Step time".) A parameter used more than once in the forward (tied embedding and LM head,
+    "mixed" instantiates the per-example gradient (B, rows, cols) when either
+    - BK-MixOpt's rule holds: 2T² ≥ rows·cols (the ghost norm's ~B·T² per layer is the dearer), or
+    - it is no larger in bytes than the a and g the factored form keeps (B·T·(rows + cols) numbers, each in its
+      own dtype): then it also costs fewer FLOPs (B·T·rows·cols ≤ B·T²·(rows + cols)) and releases a and g at
+      once. LoRA's factors at T = 128 are such layers: the ghost Grams of their 2304-wide g took 3x the time of
+      the per-example gradient (BENCHMARKS.md, "Step time"). The bytes count the per-example gradient in its
+      dtype (fp32 for fp32 weights under bf16 activations), so it never holds more than the factored form.
+    and keeps it factored otherwise. A parameter used more than once in the forward (tied embedding and LM head,
     a module called twice) is always factored: the cross terms between its uses need it.
     """
 
@@ -104,9 +107,15 @@ class GhostRule:
         self.mode = mode
         self.shared = shared
 
-    def __call__(self, param: torch.Tensor, seq_len: int) -> bool:
+    def __call__(self, param: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> bool:
+        """Whether `param`, whose layer saw input `a` and output gradient `g` (both (B, T, ·)), stays factored."""
         if id(param) in self.shared or self.mode == "ghost":
             return True
         if self.mode == "instantiate":
             return False
-        return 2 * seq_len * seq_len < param.shape[0] * param.shape[1]
+        seq_len, size = a.shape[1], a.shape[-1] * g.shape[-1]
+        if 2 * seq_len * seq_len >= size:
+            return False
+        per_example_bytes = size * torch.promote_types(param.dtype, g.dtype).itemsize
+        factored_bytes = seq_len * (a.shape[-1] * a.element_size() + g.shape[-1] * g.element_size())
+        return per_example_bytes > factored_bytes

@@ -30,7 +30,7 @@ class LinearHandler:
             a = as_btd(a)
             # Linear stores W as (out, in): grad = Σ_t g_t a_tᵀ; Conv1D stores (in, out): Σ_t a_t g_tᵀ.
             left, right = (a, g) if isinstance(module, Conv1D) else (g, a)
-            if ghost(weight, a.shape[1]):
+            if ghost(weight, a, g):
                 out.append((weight, Factored(left=left, right=right)))
             else:
                 dt = torch.promote_types(weight.dtype, g.dtype)
