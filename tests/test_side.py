@@ -164,12 +164,32 @@ def test_decoder_classification_reads_the_last_real_token_with_left_padding():
     ids = torch.cat([torch.full((1, 3), PAD), real], dim=1)
     mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 5, dtype=torch.long)], dim=1)
     with torch.no_grad():
-        states, _ = model.backbone_states(ids, mask)
+        model.side.up.weight.normal_()  # not the zero start: the side state must reach the logits
+        states, final = model.backbone_states(ids, mask)
         side = model.side(states, allowed_keys(mask, 1, 8, causal=True, device=ids.device))
         logits = model(input_ids=ids, attention_mask=mask).logits
+        expected = model.side.classifier(final[:, -1] + model.side.up(side[:, -1]))
     torch.testing.assert_close(pool(side, mask, first_token=False), side[:, -1])
     assert torch.isfinite(side).all()  # padded queries with no real key to their left stay finite
-    torch.testing.assert_close(logits, model.side.classifier(side[:, -1]))
+    torch.testing.assert_close(logits, expected)
+
+
+@pytest.mark.parametrize("name", ["bert", "roberta", "gpt2-cls"])
+def test_classification_is_the_papers_sum_of_backbone_and_side(name):
+    # y = classifier(pool(h_L + up(s))) (eq. 6); with up at its zero start, the backbone's pooled state alone.
+    model = _side(name, perturb=False)
+    ids = torch.randint(2, VOCAB, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    with torch.no_grad():
+        states, final = model.backbone_states(ids, mask)
+        start = model(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(start, model.side.classifier(model._pool(final, mask)))
+        model.side.up.weight.normal_()
+        side = model.side(states, allowed_keys(mask, 2, 6, causal=model.family.causal, device=ids.device))
+        summed = model.side.classifier(model._pool(final + model.side.up(side), mask))
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, summed)
+        assert not torch.allclose(summed, start)
 
 
 def test_pruning_copies_backbone_sub_blocks_gpt2():

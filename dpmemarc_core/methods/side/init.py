@@ -7,8 +7,9 @@ Magnitude pruning, one index set per structure, so each side weight is a sub-blo
   and o column (restricted to the kept hidden dimensions), so heads stay heads;
 - MLP: keep the ffn/r channels with the largest summed L1 norm of their input row(s) and output column.
 Down-projections start as the selection of the kept dimensions, gates at 0.5, norms from the backbone's.
-The task-specific output starts neutral: up-projection zero (generation starts exactly at the backbone),
-classifier like a fresh Hugging Face head. Everything is tensor ops (topk, index_select): meta-device safe.
+The task-specific output starts neutral: up-projection zero (the model starts exactly at the backbone: a
+generation model is the pretrained LM, a classifier reads the backbone's pooled final state), classifier like a
+fresh Hugging Face head. Everything is tensor ops (topk, index_select): meta-device safe.
 """
 
 from __future__ import annotations
@@ -108,8 +109,7 @@ def init_from_backbone(side: LadderSideNetwork, family: Family, plan: PruningPla
             _copy_linear(block.fc_out, w.fc_out, hidden, ffn)
         if family.final_norm is not None:
             _copy_norm(side.final_norm, (family.final_norm.weight, getattr(family.final_norm, "bias", None)), hidden)
+        side.up.weight.zero_()
         if family.task == "classification":
             side.classifier.weight.normal_(0.0, initializer_range)
             side.classifier.bias.zero_()
-        else:
-            side.up.weight.zero_()

@@ -103,7 +103,8 @@ class SideTunedModel(nn.Module):
             raise ValueError(f"side: reduction must be 'mean' or 'none', got {reduction!r}")
         states, last_hidden = self.backbone_states(input_ids, attention_mask, **backbone_kwargs)
         if self.family.task == "classification":
-            last_hidden = None  # never read; dropped now, it does not sit through the side network's forward
+            # Only its pool is read: pooled now, the final state does not sit through the side network's forward.
+            last_hidden = self._pool(last_hidden, attention_mask)
         output_type = SequenceClassifierOutput if self.family.task == "classification" else CausalLMOutput
         head = self.backbone.get_output_embeddings()
         if labels is not None and reduction == "none" and isinstance(head, nn.Linear):
@@ -119,6 +120,9 @@ class SideTunedModel(nn.Module):
         batch, length = states[0].shape[:2]
         return self.side(states, allowed_keys(attention_mask, batch, length, self.family.causal, states[0].device))
 
+    def _pool(self, states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        return pool(states, attention_mask, self.family.pools_first_token, mean=is_mean_pooled(self.backbone))
+
     def _lm_hidden(self, side: torch.Tensor, last_hidden: torch.Tensor) -> torch.Tensor:
         """What a generation model's LM head reads: the backbone's final state plus the up-projected side state."""
         return last_hidden + self.side.up(side).to(last_hidden.dtype)
@@ -127,11 +131,13 @@ class SideTunedModel(nn.Module):
                   attention_mask: torch.Tensor | None, last_only: bool = False) -> torch.Tensor:
         """The side network over the backbone `states` of every position; a generation model's logits at
         every position, or at the last one only (`last_only`: decoding needs no other, and the LM head
-        over the whole sequence costs more than the side network)."""
-        side = self._side_states(states, attention_mask)
+        over the whole sequence costs more than the side network). A classifier's `last_hidden` is the
+        backbone's final state already pooled ([B, d])."""
         if self.family.task == "classification":
-            return self.side.classifier(pool(side, attention_mask, self.family.pools_first_token,
-                                             mean=is_mean_pooled(self.backbone)))
+            # Pooling is linear, so pool(h + up(s)) = pool(h) + up(pool(s)): `up` runs on one vector per example.
+            side = self._pool(self._side_states(states, attention_mask), attention_mask)
+            return self.side.classifier(last_hidden + self.side.up(side).to(last_hidden.dtype))
+        side = self._side_states(states, attention_mask)
         if last_only:
             side, last_hidden = side[:, -1:], last_hidden[:, -1:]
         return self.backbone.get_output_embeddings()(self._lm_hidden(side, last_hidden))

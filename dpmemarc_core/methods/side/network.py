@@ -105,7 +105,9 @@ class LadderSideNetwork(nn.Module):
     """Side stream s₀ = entry(e); for each layer i: s ← μ_i·s + (1−μ_i)·down_i(h_i), s ← block_i(s).
 
     e is the backbone's embedding output and h_i its layer i output (both d wide, no autograd history);
-    μ_i = σ(α_i / T). The result is normalised; the task head (classifier or up-projection) sits on top.
+    μ_i = σ(α_i / T). The result is normalised; `up` projects it back to d, where it is added to the backbone's
+    final state (the paper's y = α·F₁(W_p; x) + β·F₂(ΔW; x), eq. 6), which the task head reads: the frozen LM
+    head, or `classifier` (d wide) for classification.
     """
 
     def __init__(self, family: Family, reduction: int, num_labels: int | None, **factory) -> None:
@@ -120,10 +122,9 @@ class LadderSideNetwork(nn.Module):
             SideBlock(family, self.width, family.heads, family.head_dim // reduction, family.ffn // reduction,
                       **factory) for _ in range(layers))
         self.final_norm = make_norm(family, self.width, **factory)
+        self.up = nn.Linear(self.width, d, bias=False, **factory)
         if family.task == "classification":
-            self.classifier = nn.Linear(self.width, num_labels, **factory)
-        else:
-            self.up = nn.Linear(self.width, d, bias=False, **factory)
+            self.classifier = nn.Linear(d, num_labels, **factory)
 
     def forward(self, states: list[torch.Tensor], allowed: torch.Tensor) -> torch.Tensor:
         """`states`: the embedding output then each layer's output, [B, T, d]; returns [B, T, d/r]."""
