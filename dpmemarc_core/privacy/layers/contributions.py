@@ -96,8 +96,8 @@ class GhostRule:
     - BK-MixOpt's rule holds: 2T² ≥ rows·cols (the ghost norm's ~B·T² per layer is the dearer), or
     - it is no larger in bytes than the a and g the factored form keeps (B·T·(rows + cols) numbers, each in its
       own dtype): then it also costs fewer FLOPs (B·T·rows·cols ≤ B·T²·(rows + cols)) and releases a and g at
-      once. LoRA's factors at T = 128 are such layers: the ghost Grams of their 2304-wide g took 3x the time of
-      the per-example gradient (BENCHMARKS.md, "Step time"). The bytes count the per-example gradient in its
+      once. LoRA's factors at T = 128 are such layers: their ghost form took 2.5x the time of the per-example
+      gradient (`benchmarks/ghost_rule.py`; BENCHMARKS.md, "Step time"). The bytes count the per-example gradient in its
       dtype (fp32 for fp32 weights under bf16 activations), so it never holds more than the factored form.
     and keeps it factored otherwise. A parameter used more than once in the forward (tied embedding and LM head,
     a module called twice) is always factored: the cross terms between its uses need it.
