@@ -79,7 +79,9 @@ FINDINGS = (
     "normed input is cast once for q/k/v and once for the MLP. Then (issue 16) the LM head runs inside the "
     "checkpointed loss chunks (`losses.causal_lm_loss_from_hidden`): the B·T·V bf16 logits and their gradient "
     "(0.77 GiB on GPT-2-large) are never built. What remains on GPT-2: frozen weights 1.44, the bf16 backbone "
-    "states the down-projections need, the side network's own activations.",
+    "states the down-projections need, the side network's own activations. RoBERTa-large 1.49 → 1.51 GiB when the "
+    "classifier came to read the backbone's pooled state plus the up-projected side state (the paper's eq. 6): "
+    "the up-projection and a d-wide classifier, 0.14M parameters more.",
     "**Causal-LM loss**: the chunked cross-entropy is one autograd function that writes each chunk's gradient "
     "into one logits-sized tensor (a split into checkpointed chunks held every chunk's gradient and their "
     "concatenation at once, and with two-pass BK's retained graph the logits besides): GPT-2-large rev "
