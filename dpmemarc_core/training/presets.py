@@ -33,7 +33,7 @@ _QUICK_METHODS: dict[str, tuple[float, dict]] = {
     "rev": (5e-3, {"r": 1}),
     "adapter": (5e-3, {"bottleneck": 1}),
     "bitfit": (5e-3, {}),
-    "side": (2e-3, {"reduction": 16}),
+    "side": (5e-4, {"reduction": 16}),
     "full": (1e-4, {}),
 }
 
