@@ -66,6 +66,8 @@ def test_two_backward_passes_keep_no_per_layer_buffers(tiny_gpt2):
     assert two["breakdown"]["engine_buffers_bytes"] < one["breakdown"]["engine_buffers_bytes"]
     with pytest.raises(ValueError, match="backward_passes"):
         MemorySpec(model=tiny_gpt2, method="lora", backward_passes=3)
+    with pytest.raises(ValueError, match="backward_passes must be one of 1, 2, 'auto'"):
+        MemorySpec(model=tiny_gpt2, method="lora", backward_passes=True)
     with pytest.raises(ValueError, match="backward_passes"):
         MemorySpec(model=tiny_gpt2, method="lora", engine="opacus", backward_passes=2)
 

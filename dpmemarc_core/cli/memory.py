@@ -46,6 +46,8 @@ def add_memory_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _backward_passes(text: str) -> int | str:
+    if text not in ("1", "2", "auto"):
+        raise argparse.ArgumentTypeError(f"expected 1, 2 or auto, got {text!r}")
     return text if text == "auto" else int(text)
 
 

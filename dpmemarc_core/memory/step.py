@@ -108,7 +108,7 @@ class MemorySpec:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         check_epsilon(self.epsilon, "epsilon", allow_inf=True)  # inf: no noise
         if self.backward_passes is not None:  # None: the method's choice
-            if self.backward_passes not in BACKWARD_PASSES:
+            if isinstance(self.backward_passes, bool) or self.backward_passes not in BACKWARD_PASSES:
                 raise ValueError(f"backward_passes must be one of 1, 2, 'auto' (or None: the method's choice), "
                                  f"got {self.backward_passes!r}")
             if self.engine != "bk":

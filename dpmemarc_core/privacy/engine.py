@@ -134,7 +134,7 @@ class BKEngine:
             raise ValueError(f"clip_fn must be one of {CLIP_FNS}, got {clip_fn!r}")
         if not (isinstance(gamma, (int, float)) and 0 < gamma < float("inf")):
             raise ValueError(f"gamma must be a finite number > 0, got {gamma!r}")
-        if backward_passes not in BACKWARD_PASSES:
+        if isinstance(backward_passes, bool) or backward_passes not in BACKWARD_PASSES:  # True == 1 otherwise
             raise ValueError(f"backward_passes must be 1, 2 or 'auto', got {backward_passes!r}")
         self.model = model
         self.max_grad_norm = float(max_grad_norm)
