@@ -508,14 +508,18 @@ def memory_store(results: Path) -> CellStore:
 # ---- statistics over seeds ------------------------------------------------------------------------------
 
 
+def mean_sd(values: list[float]) -> dict:
+    """Mean (None for no value), sample standard deviation (None for fewer than two) and n."""
+    return {"mean": statistics.fmean(values) if values else None,
+            "sd": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
+
+
 def summarize(cells: Iterable[dict | None], read: Callable[[dict], float | None]) -> dict:
-    """`read` over the cells that are done: mean, sample standard deviation (None for one value), n, and each
-    seed's value (keyed by the seed, as JSON keys are strings)."""
+    """`read` over the cells that are done: `mean_sd` and each seed's value (keyed by the seed, as JSON keys are
+    strings)."""
     values = {str(seed_of(cell)): read(cell) for cell in cells if cell is not None and cell.get("status") == "done"}
     values = {seed: value for seed, value in values.items() if value is not None}
-    data = list(values.values())
-    return {"mean": statistics.fmean(data) if data else None, "sd": statistics.stdev(data) if len(data) > 1 else None,
-            "n": len(data), "values": values}
+    return {**mean_sd(list(values.values())), "values": values}
 
 
 def welch_interval(a: list[float], b: list[float], level: float = 0.95) -> dict | None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ from dpmemarc_core.federated.config import FederatedConfig
 from server.checkpoint import read_metrics
 from server.local_grid import InProcessGrid
 from server.server_app import run_rounds
+from simulations.common import mean_sd
 
 # name: (sites, partitioning)
 CONFIGURATIONS = {
@@ -51,11 +51,6 @@ CONFIGURATIONS = {
 def cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
-
-
-def mean_sd(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else None,
-            "n": len(values)}
 
 
 def main() -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ from simulations.common import (
     epsilon_label,
     margin_verdict,
     markdown_table,
+    mean_sd,
     welch_interval,
     write_json_atomic,
     write_text_atomic,
@@ -86,11 +86,6 @@ def read_cell(directory: Path) -> dict | None:
                                         directory.name.rsplit("-e", 1)[1], directory))}
 
 
-def summary_of(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values) if values else None,
-            "sd": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
-
-
 def shown(summary: dict) -> str:
     if not summary["n"]:
         return "not run"
@@ -108,7 +103,7 @@ def collect(cells: Path, methods: list[str], epsilons: list[str]) -> dict:
             found.sort(key=lambda c: c["seed"])
             groups[f"{method}/{epsilon_key(float(epsilon))}"] = {
                 "method": method, "epsilon": epsilon, "cells": found,
-                "accuracy": summary_of([c["accuracy"] for c in found])}
+                "accuracy": mean_sd([c["accuracy"] for c in found])}
     return groups
 
 
@@ -128,7 +123,7 @@ def claims(groups: dict) -> list[str]:
                                           [c["accuracy"] for c in non_private])
                 spread = "" if interval is None else (f" [{interval['low']:+.1f}, {interval['high']:+.1f}] "
                                                       f"(95 % Welch)")
-                difference = acc["mean"] - summary_of([c["accuracy"] for c in non_private])["mean"]
+                difference = acc["mean"] - mean_sd([c["accuracy"] for c in non_private])["mean"]
                 lines.append(f"  - within {WITHIN_NON_PRIVATE:.0f} points of non-private LoRA: {difference:+.1f}"
                              f"{spread}: {margin_verdict(interval, WITHIN_NON_PRIVATE)}")
         elif group["epsilon"] == "1.6":
