@@ -28,6 +28,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from dpmemarc_core.training.presets import PRESETS
 from simulations.common import (
     DEFAULT_RESULTS,
     available_cores,
@@ -53,12 +54,14 @@ def cell_name(method: str, seed: int | str, epsilon: str) -> str:
     return f"{method}-s{seed}-e{epsilon}"
 
 
-def command(method: str, seed: int, epsilon: str, directory: Path) -> list[str]:
-    return ["dpmemarc", "train", "--method", method, "--seed", str(seed), "--epsilon", epsilon, "--no-progress",
-            "--output", str(directory)]
+def command(method: str, seed: int, epsilon: str, directory: Path, preset: str = "quick") -> list[str]:
+    # the default preset is left off, so the command reads as a user types it
+    chosen = [] if preset == "quick" else ["--preset", preset]
+    return ["dpmemarc", "train", *chosen, "--method", method, "--seed", str(seed), "--epsilon", epsilon,
+            "--no-progress", "--output", str(directory)]
 
 
-def run_cell(method: str, seed: int, epsilon: str, cells: Path, threads: int) -> None:
+def run_cell(method: str, seed: int, epsilon: str, cells: Path, threads: int, preset: str = "quick") -> None:
     directory = cells / cell_name(method, seed, epsilon)
     if (directory / "summary.json").exists():
         return
@@ -66,13 +69,13 @@ def run_cell(method: str, seed: int, epsilon: str, cells: Path, threads: int) ->
     started = time.perf_counter()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     with open(directory.with_suffix(".log"), "w") as log:
-        proc = subprocess.run(command(method, seed, epsilon, directory), stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.run(command(method, seed, epsilon, directory, preset), stdout=log, stderr=subprocess.STDOUT,
                               env=env, check=False)  # a failed cell is reported, the others still run
     status = "done" if proc.returncode == 0 else f"failed (exit {proc.returncode}; see {directory.name}.log)"
     print(f"{cell_name(method, seed, epsilon)}: {status} in {time.perf_counter() - started:.0f} s", flush=True)
 
 
-def read_cell(directory: Path) -> dict | None:
+def read_cell(directory: Path, preset: str = "quick") -> dict | None:
     path = directory / "summary.json"
     if not path.exists():
         return None
@@ -83,7 +86,7 @@ def read_cell(directory: Path) -> dict | None:
             "epsilon_spent": summary["epsilon"], "delta": summary["delta"], "steps": summary["steps"],
             "train_seconds": diagnostics.get("train_seconds"), "clipped_fraction": diagnostics.get("clipped_fraction"),
             "command": " ".join(command(summary["method"], summary["config"]["seed"],
-                                        directory.name.rsplit("-e", 1)[1], directory))}
+                                        directory.name.rsplit("-e", 1)[1], directory, preset))}
 
 
 def shown(summary: dict) -> str:
@@ -94,12 +97,13 @@ def shown(summary: dict) -> str:
     return f"{summary['mean']:.1f} ± {summary['sd']:.1f} (n={summary['n']})"
 
 
-def collect(cells: Path, methods: list[str], epsilons: list[str]) -> dict:
+def collect(cells: Path, methods: list[str], epsilons: list[str], preset: str = "quick") -> dict:
     groups = {}
     for method in methods:
         for epsilon in epsilons:
             # every seed done, in seed order (not only the default seeds)
-            found = [c for c in map(read_cell, cells.glob(cell_name(method, "*", epsilon))) if c is not None]
+            found = [c for c in (read_cell(d, preset) for d in cells.glob(cell_name(method, "*", epsilon)))
+                     if c is not None]
             found.sort(key=lambda c: c["seed"])
             groups[f"{method}/{epsilon_key(float(epsilon))}"] = {
                 "method": method, "epsilon": epsilon, "cells": found,
@@ -132,17 +136,19 @@ def claims(groups: dict) -> list[str]:
     return lines
 
 
-def render(groups: dict, methods: list[str], epsilons: list[str]) -> str:
+def render(groups: dict, methods: list[str], epsilons: list[str], preset: str = "quick") -> str:
     rows = [[method] + [shown(groups[f"{method}/{epsilon_key(float(e))}"]["accuracy"]) for e in epsilons]
             for method in methods]
-    table = markdown_table(["method (quick preset)"] + [epsilon_label(float(e)) for e in epsilons], rows)
+    table = markdown_table([f"method ({preset} preset)"] + [epsilon_label(float(e)) for e in epsilons], rows)
     seeds = [markdown_table(["cell", "test acc % before → after", "n eval", "ε spent", "train s"],
                             [[f"{g['method']} ε={g['epsilon']} seed {c['seed']}",
                               f"{c['accuracy_before']:.1f} → {c['accuracy']:.1f}", str(c["eval_examples"]),
                               "∞" if c["epsilon_spent"] == float("inf") else f"{c['epsilon_spent']:.3f}",
                               "" if c["train_seconds"] is None else f"{c['train_seconds']:.0f}"]
                              for g in groups.values() for c in g["cells"]])]
-    intro = ("Test accuracy (%) of `dpmemarc train --method M --epsilon E --seed S` on MiniLM + movie snippets, "
+    flag = "" if preset == "quick" else f"--preset {preset} "
+    intro = (f"Test accuracy (%) of `dpmemarc train {flag}--method M --epsilon E --seed S` on MiniLM + movie "
+             "snippets, "
              "mean ± sd over seeds (each seed its own 1057-snippet test split).")
     return "\n\n".join([intro, table,
         "Aims (issue 19):", "\n".join(claims(groups)) or "(no cell done)", "Per seed:", *seeds])
@@ -154,7 +160,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--epsilons", default=",".join(EPSILONS), help="comma-separated, e.g. 8,1.6,inf")
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated integer seeds")
     parser.add_argument("--jobs", type=int, default=1, help="cells run at once (each with cores/jobs threads)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_RESULTS / "recipe_study", help="results directory")
+    parser.add_argument("--preset", default="quick", choices=PRESETS, help="dpmemarc train --preset of every cell")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results directory (default: results/recipe_study, or recipe_study_<preset> for another "
+                             "preset)")
     parser.add_argument("--report", action="store_true", help="run nothing; write the table from the cells done")
     args = parser.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
@@ -174,6 +183,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
     if args.jobs < 1:
         parser.error(f"--jobs must be an integer >= 1, got {args.jobs}")
+    if args.out is None:
+        args.out = DEFAULT_RESULTS / ("recipe_study" if args.preset == "quick" else f"recipe_study_{args.preset}")
     return args
 
 
@@ -185,11 +196,11 @@ def main(argv: list[str] | None = None) -> int:
         threads = max(1, available_cores() // args.jobs)
         todo = [(m, s, e) for e in args.epsilons for m in args.methods for s in args.seeds]
         with ThreadPoolExecutor(args.jobs) as pool:  # each cell is its own process; threads only wait on them
-            list(pool.map(lambda job: run_cell(*job, cells, threads), todo))
-    groups = collect(cells, args.methods, args.epsilons)
+            list(pool.map(lambda job: run_cell(*job, cells, threads, args.preset), todo))
+    groups = collect(cells, args.methods, args.epsilons, args.preset)
     write_json_atomic(args.out / "recipe_study.json",
                       {"wall_seconds_this_run": time.perf_counter() - started, "groups": groups})
-    markdown = render(groups, args.methods, args.epsilons)
+    markdown = render(groups, args.methods, args.epsilons, args.preset)
     write_text_atomic(args.out / "recipe_study.md", markdown + "\n")
     print(markdown)
     return 0
