@@ -64,7 +64,7 @@ def train(cfg: TrainConfig) -> dict:
 
     privacy = PrivacySettings(target_epsilon=cfg.epsilon, delta=cfg.delta, max_grad_norm=cfg.max_grad_norm,
                               clipping_mode=cfg.clipping_mode, clip_fn=cfg.clip_fn, accountant=cfg.accountant,
-                              secure_mode=cfg.secure_mode)
+                              secure_mode=cfg.secure_mode, clip_groups=cfg.clip_groups)
     check_physical_batch_size(cfg.physical_batch_size)
     kind = task_kind_of(cfg.task)
     run = build_run(cfg.model, kind, cfg.method, num_labels=num_labels_of(cfg.task),

@@ -16,9 +16,14 @@ def _slice(batch: dict, i: int) -> dict:
 
 
 def clipped_reference(model: torch.nn.Module, batch: dict, loss_fn: LossFn, max_grad_norm: float,
-                      clip_fn: str = "abadi", gamma: float = 0.01) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Unclipped per-example norms and Σ_i c_i g_i per trainable parameter name."""
+                      clip_fn: str = "abadi", gamma: float = 0.01, groups: list[list[str]] | None = None,
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Unclipped per-example norms and Σ_i c_i g_i per trainable parameter name. `groups` (parameter names):
+    group-wise clipping, each group's part of g_i scaled by its own factor at bound C/√K."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = groups or [[n for n, _ in named]]
+    group_of = {n: k for k, names in enumerate(groups) for n in names}
+    bound = max_grad_norm / len(groups) ** 0.5
     params = [p for _, p in named]
     size = next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]
     per_example, norms = [], []
@@ -27,14 +32,16 @@ def clipped_reference(model: torch.nn.Module, batch: dict, loss_fn: LossFn, max_
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
         per_example.append(grads)
-        norms.append(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
-    norms = torch.stack(norms)
+        norms.append(torch.stack([torch.sqrt(sum((g.double() ** 2).sum() for g, (n, _) in zip(grads, named)
+                                                 if group_of[n] == k)) for k in range(len(groups))]))
+    group_norms = torch.stack(norms, dim=1)  # [K, B]
     if clip_fn == "abadi":
-        factors = (max_grad_norm / norms).clamp(max=1.0)
+        factors = (bound / group_norms).clamp(max=1.0)
     else:
-        factors = max_grad_norm / (norms + gamma)
-    sums = {n: sum(factors[i] * per_example[i][j].double() for i in range(size)) for j, (n, _) in enumerate(named)}
-    return norms, sums
+        factors = bound / (group_norms + gamma)
+    sums = {n: sum(factors[group_of[n], i] * per_example[i][j].double() for i in range(size))
+            for j, (n, _) in enumerate(named)}
+    return group_norms.pow(2).sum(0).sqrt(), sums
 
 
 def bk_result(model: torch.nn.Module, batch: dict, loss_fn: LossFn, **engine_kwargs) -> tuple[

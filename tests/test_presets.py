@@ -45,3 +45,17 @@ def test_unknown_preset_is_a_clear_error():
         preset_config("fast")
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--preset", "fast"])
+
+
+def test_long_preset_is_quick_at_four_times_the_batch_over_four_epochs():
+    quick, long = _config("--method", "side"), _config("--preset", "long", "--method", "side")
+    assert (long.batch_size, long.epochs) == (4 * quick.batch_size, 4 * quick.epochs)
+    assert long == TrainConfig(**{**quick.__dict__, "batch_size": long.batch_size, "epochs": long.epochs})
+    assert _config("--preset", "long", "--epochs", "2").epochs == 2
+
+
+def test_clip_groups_flag_reaches_the_config():
+    assert _config().clip_groups == "all"
+    assert _config("--clip-groups", "head").clip_groups == "head"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--clip-groups", "layer"])

@@ -24,9 +24,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     d = TrainConfig()
     p.add_argument("--preset", default="quick", choices=PRESETS,
                    help="starting point for every setting below left unset: 'quick' learns in a few CPU minutes "
-                        "(B=128, one epoch of all examples, T=48, lr 5e-3, LoRA r=1, head lr 2e-2), 'paper' is the "
-                        "paper's "
-                        "(B=32, T=128, lr 5e-4, r=64, one epoch of all examples); see dpmemarc_core/training/presets.py")
+                        "(B=128, one epoch of all examples, T=48, lr 5e-3, LoRA r=1, head lr 2e-2), 'long' is quick at "
+                        "B=512 over 4 epochs (same steps, 4x the compute), 'paper' is the paper's (B=32, T=128, "
+                        "lr 5e-4, r=64, one epoch of all examples); see dpmemarc_core/training/presets.py")
     p.add_argument("--model", default=d.model, help="HF name or path, or an offline alias: minilm, smollm2-135m")
     p.add_argument("--task", default=d.task, help="task name (see dpmemarc_core.data.TASKS)")
     p.add_argument("--method", default=d.method, help="full, lora, adapter, bitfit, side, rev, zo")
@@ -60,6 +60,10 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
     p.add_argument("--clipping-mode", default=d.clipping_mode, choices=["mixed", "ghost", "instantiate"])
     p.add_argument("--clip-fn", default=d.clip_fn, choices=["abadi", "automatic"])
+    p.add_argument("--clip-groups", default=None, choices=["all", "head"],
+                   help="all: one clipping norm over every trainable parameter; head: the classifier head and the "
+                        "rest clipped separately, each to C/sqrt(2) (same noise, same epsilon); default: the "
+                        "preset's")
     p.add_argument("--accountant", default=d.accountant, choices=["rdp", "prv"])
     p.add_argument("--max-length", type=int, default=None, help="tokens; default: the preset's")
     p.add_argument("--max-train", type=int, default=None, help="cap on training examples (0 = all); default: the preset's")
@@ -82,7 +86,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     unset_by_default = {"epochs": args.epochs, "max_steps": args.max_steps, "batch_size": args.batch_size,
                         "lr": args.lr, "head_lr": args.head_lr, "max_length": args.max_length,
                         "max_train": args.max_train,
-                        "max_eval": args.max_eval, "delta": args.delta}
+                        "max_eval": args.max_eval, "delta": args.delta, "clip_groups": args.clip_groups}
     given = {k: v for k, v in unset_by_default.items() if v is not None}
     for cap in ("max_train", "max_eval"):
         if given.get(cap) == 0:

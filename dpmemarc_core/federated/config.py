@@ -65,6 +65,7 @@ class FederatedConfig:
     max_grad_norm: float = 1.0
     clipping_mode: str = "mixed"
     clip_fn: str = "abadi"
+    clip_groups: str = "all"
     accountant: str = "rdp"
     secure_mode: bool = False
     partitioning: str = "iid"
@@ -200,7 +201,8 @@ class FederatedConfig:
     def privacy_settings(self) -> PrivacySettings:
         return PrivacySettings(target_epsilon=self.target_epsilon, delta=self.delta or None,
                                max_grad_norm=self.max_grad_norm, clipping_mode=self.clipping_mode,
-                               clip_fn=self.clip_fn, accountant=self.accountant, secure_mode=self.secure_mode)
+                               clip_fn=self.clip_fn, accountant=self.accountant, secure_mode=self.secure_mode,
+                               clip_groups=self.clip_groups)
 
     @property
     def planned_local_steps(self) -> int:

@@ -11,6 +11,9 @@ from __future__ import annotations
 import torch
 
 CLIP_FNS = ("abadi", "automatic")
+# How a trainer splits the trainable parameters into clipping groups (`BKEngine(clip_groups=...)`): "all", one
+# norm over every parameter (the paper's); "head", a classifier head apart from the rest, each at C/√2.
+CLIP_GROUPS = ("all", "head")
 # How the BK engine forms per-example norms (`privacy.layers.contributions.GhostRule`).
 CLIPPING_MODES = ("mixed", "ghost", "instantiate")
 AUTOMATIC_GAMMA = 0.01

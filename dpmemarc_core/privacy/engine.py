@@ -8,15 +8,22 @@ in `layers/`; this file only orchestrates them and never knows which fine-tuning
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
 import torch
 from torch import nn
 
-from dpmemarc_core.privacy.clip import AUTOMATIC_GAMMA, CLIP_FNS, CLIPPING_MODES, clip_factors
+from dpmemarc_core.privacy.clip import (
+    AUTOMATIC_GAMMA,
+    CLIP_FNS,
+    CLIPPING_MODES,
+    clip_factors,
+)
 from dpmemarc_core.privacy.layers import SUPPORTED, GhostRule, handler_for
 from dpmemarc_core.privacy.layers.contributions import (
     Factored,
@@ -122,10 +129,18 @@ class BKEngine:
     part is small enough (per-example gradients of LoRA r=1 are tiny), memory O(1) in depth always.
     It retains the forward graph through the first pass (as two passes do), so it suits models whose
     forward keeps little (reversible stacks); `last_backward_passes` says what the last step ran.
+
+    `clip_groups` (group-wise clipping, McMahan et al. 2018; He et al. 2023): K lists of parameters that
+    partition the trainable ones; each example's gradient is clipped per group to C/√K, so its whole
+    clipped gradient still has norm ≤ C and the noise σ·C keeps the same guarantee. It gives each group a
+    share of the budget of its own (a classifier head is not crowded out by a large trainable body). With
+    two backward passes, each group beyond the first costs one more replayed backward.
+    `last_clipped` [B]: which examples the last step scaled down in some group (norm above its bound).
     """
 
     def __init__(self, model: nn.Module, max_grad_norm: float = 1.0, clipping_mode: str = "mixed",
-                 clip_fn: str = "abadi", gamma: float = AUTOMATIC_GAMMA, backward_passes: int = 1) -> None:
+                 clip_fn: str = "abadi", gamma: float = AUTOMATIC_GAMMA, backward_passes: int = 1,
+                 clip_groups: Sequence[Sequence[torch.Tensor]] | None = None) -> None:
         if not (isinstance(max_grad_norm, (int, float)) and 0 < max_grad_norm < float("inf")):
             raise ValueError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm!r}")
         if clipping_mode not in CLIPPING_MODES:
@@ -146,6 +161,9 @@ class BKEngine:
         self.params = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
         if not self.params:
             raise ValueError("BKEngine: the model has no parameter with requires_grad=True")
+        self._groups = self._check_groups(clip_groups)
+        self._group_of = {id(p): k for k, group in enumerate(self._groups) for p in group}
+        self.last_clipped: torch.Tensor | None = None
         self._anchor = torch.zeros((), requires_grad=True)
         self._calls: list[_LayerCall] = []
         self._books: dict[int, _ParamBook] = {}
@@ -161,6 +179,26 @@ class BKEngine:
         self._hooked: set[int] = set()
         self._static_shared = self._attach()
         _ATTACHED.add(self)
+
+    def _check_groups(self, clip_groups: Sequence[Sequence[torch.Tensor]] | None) -> list[list[torch.Tensor]]:
+        if clip_groups is None:
+            return [self.params]
+        groups = [list(group) for group in clip_groups]
+        seen: dict[int, int] = {}
+        for k, group in enumerate(groups):
+            if not group:
+                raise ValueError(f"clip_groups[{k}] is empty; every group needs at least one parameter")
+            for p in group:
+                if id(p) in seen:
+                    raise ValueError(f"clip_groups: a parameter is in groups {seen[id(p)]} and {k}; each "
+                                     "trainable parameter belongs to exactly one group")
+                seen[id(p)] = k
+        trainable = {id(p) for p in self.params}
+        if set(seen) != trainable:
+            raise ValueError(f"clip_groups must partition the model's trainable parameters: "
+                             f"{len(trainable - set(seen))} trainable left out, {len(set(seen) - trainable)} "
+                             "not trainable in this model")
+        return groups
 
     # ---- hooks -----------------------------------------------------------------------------
 
@@ -294,18 +332,22 @@ class BKEngine:
             self._budgeted = self.backward_passes == "auto"
             torch.autograd.grad(scaled.sum(), [self._anchor], allow_unused=True,
                                 retain_graph=self.backward_passes != 1)
+            group_norms = self._group_norms(batch, per_example_loss) / loss_scale  # [K, B]
+            factors = self._clip_factors(group_norms, loss_scale != 1.0)
+            self.last_clipped = (group_norms > self._group_bound).any(0)
             if self._phase == "keep":
                 self.last_backward_passes = 1
-                norms = self._norms(batch, per_example_loss) / loss_scale
-                factors = self._clip_factors(norms, loss_scale != 1.0)
-                self._add_clipped_sums(factors, keep=None if loss_scale == 1.0 else factors > 0)
+                self._add_clipped_sums(factors, keep=None if loss_scale == 1.0 else (factors > 0).all(0))
             else:
                 self.last_backward_passes = 2
-                norms = self._norms(batch, per_example_loss) / loss_scale
-                factors = self._clip_factors(norms, loss_scale != 1.0).to(per_example_loss.dtype)
                 self._phase = "replay"
                 _TAPPING.pop(id(self._anchor))
-                torch.autograd.backward((scaled * factors.detach()).sum(), inputs=self.params)
+                factors = factors.to(per_example_loss.dtype).detach()
+                for k, group in enumerate(self._groups):
+                    torch.autograd.backward((scaled * factors[k]).sum(), inputs=group,
+                                            retain_graph=k + 1 < len(self._groups))
+            # one group: its norms as they are (no square-and-root round trip)
+            norms = group_norms[0] if len(self._groups) == 1 else group_norms.pow(2).sum(0).sqrt()
         finally:
             _TAPPING.pop(id(self._anchor), None)
             self._reset()
@@ -327,37 +369,48 @@ class BKEngine:
         self._books = {}
         self._batch_size = None
 
-    def _norms(self, batch: int, like: torch.Tensor) -> torch.Tensor:
+    @property
+    def _group_bound(self) -> float:
+        """Each group's clipping bound C/√K: K groups at this bound make one gradient of norm ≤ C."""
+        return self.max_grad_norm / math.sqrt(len(self._groups))
+
+    def _group_norms(self, batch: int, like: torch.Tensor) -> torch.Tensor:
+        """Per-example gradient norms of each clipping group, [K, B]."""
         # Start in fp32 and let type promotion widen to the contributions' dtype (float64 stays float64).
-        squared = torch.zeros(batch, dtype=norm_dtype(like.dtype), device=like.device)
-        for book in self._books.values():
+        squared = [torch.zeros(batch, dtype=norm_dtype(like.dtype), device=like.device) for _ in self._groups]
+        for pid, book in self._books.items():
+            k = self._group_of[pid]
             kept = book.kept_squared_norm()
             if kept is not None:
-                squared = squared + kept
+                squared[k] = squared[k] + kept
             if book.squared_norm is not None:
-                squared = squared + book.squared_norm
-        return squared.clamp(min=0).sqrt()
+                squared[k] = squared[k] + book.squared_norm
+        return torch.stack(squared).clamp(min=0).sqrt()
 
     def _clip_factors(self, norms: torch.Tensor, drop_non_finite: bool = False) -> torch.Tensor:
-        factors = clip_factors(norms, self.max_grad_norm, self.clip_fn, self.gamma)
+        factors = clip_factors(norms, self._group_bound, self.clip_fn, self.gamma)
         if drop_non_finite:  # an overflowed example contributes 0 (still of norm <= C: sensitivity unchanged)
-            factors = torch.where(torch.isfinite(norms), factors, torch.zeros_like(factors))
+            # in every group: an overflow in one group makes the example's other norms untrustworthy too
+            finite = torch.isfinite(norms).all(0)
+            factors = torch.where(finite, factors, torch.zeros_like(factors))
         return factors
 
     def _add_clipped_sums(self, factors: torch.Tensor, keep: torch.Tensor | None = None) -> None:
-        """`keep` [B] (loss scaling): rows of examples not kept are zeroed first, since 0 · inf is NaN."""
+        """`factors` [K, B], one row per clipping group. `keep` [B] (loss scaling): rows of examples not kept
+        are zeroed first, since 0 · inf is NaN."""
         by_id = {id(p): p for p in self.params}
         for pid, book in self._books.items():
             param = by_id[pid]
+            group_factors = factors[self._group_of[pid]]
             total = None
             if book.instantiated is not None:
-                total = instantiated_clipped_sum(_rows(book.instantiated, keep), factors)
+                total = instantiated_clipped_sum(_rows(book.instantiated, keep), group_factors)
             # Dense uses first, so that one-hot uses (embeddings) scatter into their sum in place.
             for f in sorted(book.factored, key=lambda f: f.left is None):
                 if keep is not None:
                     f = Factored(right=_rows(f.right, keep), left=None if f.left is None else _rows(f.left, keep),
                                  left_ids=f.left_ids)
-                total = factored_clipped_sum(f, factors, param.shape, out=total)
+                total = factored_clipped_sum(f, group_factors, param.shape, out=total)
             total = total.to(param.dtype)
             if param.grad is None:
                 param.grad = total

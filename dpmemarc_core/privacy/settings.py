@@ -11,7 +11,7 @@ import math
 import numbers
 from dataclasses import dataclass
 
-from dpmemarc_core.privacy.clip import CLIP_FNS, CLIPPING_MODES
+from dpmemarc_core.privacy.clip import CLIP_FNS, CLIP_GROUPS, CLIPPING_MODES
 
 ACCOUNTANTS = ("rdp", "prv")
 # δ as a rule of the number N of training examples. δ must be well below 1/N (a mechanism that publishes one
@@ -104,6 +104,8 @@ class PrivacySettings:
     None is the default rule δ = 1/(10N), strictly below 1/N.
     secure_mode draws batches and noise from a CSPRNG, robust to the floating-point attack
     (`privacy.randomness`); slower.
+    clip_groups (`clip.CLIP_GROUPS`): "head" clips a classifier head and the rest of the trainable part
+    separately, each to C/√2 (the same sensitivity C, so the same noise and ε).
     """
 
     target_epsilon: float = 8.0
@@ -113,6 +115,7 @@ class PrivacySettings:
     clip_fn: str = "abadi"
     accountant: str = "rdp"
     secure_mode: bool = False
+    clip_groups: str = "all"
 
     def __post_init__(self) -> None:
         # Frozen: normalise ints to floats through object.__setattr__.
@@ -127,6 +130,7 @@ class PrivacySettings:
         object.__setattr__(self, "max_grad_norm", check_max_grad_norm(self.max_grad_norm, "max_grad_norm"))
         check_choice(self.clipping_mode, "clipping_mode", CLIPPING_MODES)
         check_choice(self.clip_fn, "clip_fn", CLIP_FNS)
+        check_choice(self.clip_groups, "clip_groups", CLIP_GROUPS)
         check_choice(self.accountant, "accountant", ACCOUNTANTS)
 
     @property

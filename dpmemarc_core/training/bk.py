@@ -51,7 +51,8 @@ class PrivateTrainer(StepTrainer):
         if privacy.is_private:
             self.engine = BKEngine(model, max_grad_norm=privacy.max_grad_norm, clipping_mode=privacy.clipping_mode,
                                    clip_fn=privacy.clip_fn,
-                                   backward_passes=getattr(model, "recommended_backward_passes", 1))
+                                   backward_passes=getattr(model, "recommended_backward_passes", 1),
+                                   clip_groups=clip_groups(model, privacy.clip_groups))
 
     def _micro_batches(self, indices: list[int]) -> list[list[int]]:
         size = self.physical_batch_size or max(len(indices), 1)
@@ -67,7 +68,7 @@ class PrivateTrainer(StepTrainer):
             losses = model_per_example_loss(self.model, batch, labels)
             if self.engine is not None:
                 norms = self.engine.clipped_backward(losses, loss_scale=scale)
-                stats.clipped = stats.clipped + (norms > self.privacy.max_grad_norm).sum()
+                stats.clipped = stats.clipped + self.engine.last_clipped.sum()
                 if self.scaler is not None:
                     overflowed = overflowed | ~torch.isfinite(norms).all()
             else:
@@ -90,16 +91,41 @@ class PrivateTrainer(StepTrainer):
         stats.steps += 1
 
 
-def parameter_groups(model: torch.nn.Module, lr: float, head_lr: float | None = None) -> list[dict]:
-    """Adam's parameter groups: the trainable parameters of a classifier head (a module named as in
-    `methods.placement.CLASSIFIER_HEADS` anywhere in the model: HF's, peft's copy, the side network's) at
-    `head_lr`, the rest at `lr`. A head that starts from scratch on features that already solve much of the
-    task learns best at a larger rate than the backbone's small trainable part can take under DP noise
-    (BENCHMARKS.md, "Private recipe"); choosing rates per group is post-processing and costs no privacy."""
+def split_head(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """(the rest, the head): the trainable parameters outside and inside a classifier head (a module named as
+    in `methods.placement.CLASSIFIER_HEADS` anywhere in the model: HF's, peft's copy, the side network's)."""
     from dpmemarc_core.methods.placement import CLASSIFIER_HEADS
 
     head, rest = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (head if head_lr is not None and set(name.split(".")) & set(CLASSIFIER_HEADS) else rest).append(param)
+            (head if set(name.split(".")) & set(CLASSIFIER_HEADS) else rest).append(param)
+    return rest, head
+
+
+def parameter_groups(model: torch.nn.Module, lr: float, head_lr: float | None = None) -> list[dict]:
+    """Adam's parameter groups: a classifier head's trainable parameters (`split_head`) at `head_lr`, the rest
+    at `lr`. A head that starts from scratch on features that already solve much of the task learns best at a
+    larger rate than the backbone's small trainable part can take under DP noise (BENCHMARKS.md, "Private
+    recipe"); choosing rates per group is post-processing and costs no privacy."""
+    if head_lr is None:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
+    rest, head = split_head(model)
     return [group for group in ({"params": rest, "lr": lr}, {"params": head, "lr": head_lr}) if group["params"]]
+
+
+def clip_groups(model: torch.nn.Module, choice: str) -> list[list[torch.nn.Parameter]] | None:
+    """The BK engine's clipping groups for `PrivacySettings.clip_groups`: None (one group) for "all"; for
+    "head", [the rest, the head], so that the head keeps a share C/√2 of the clipping budget however large
+    the rest's gradients grow (BENCHMARKS.md, "Clipping the head apart")."""
+    from dpmemarc_core.methods.placement import CLASSIFIER_HEADS
+
+    if choice == "all":
+        return None
+    rest, head = split_head(model)
+    if not head or not rest:
+        raise ValueError(f"clip_groups='head' needs a trainable classifier head (a module named "
+                         f"{' or '.join(CLASSIFIER_HEADS)}) "
+                         f"and other trainable parameters; this model has {len(head)} head and {len(rest)} other "
+                         "trainable tensors")
+    return [rest, head]

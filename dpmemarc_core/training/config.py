@@ -37,6 +37,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     clipping_mode: str = "mixed"
     clip_fn: str = "abadi"
+    clip_groups: str = "all"  # "head": clip a classifier head and the rest separately (PrivacySettings)
     accountant: str = "rdp"
     max_length: int = 128
     max_train: int | None = None
