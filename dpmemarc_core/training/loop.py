@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 
 import torch
 from tqdm.auto import tqdm
 
+from dpmemarc_core.methods.side.state_cache import cached_backbone_states
 from dpmemarc_core.privacy import (
     PoissonBatchSampler,
     PrivacyAccountant,
@@ -70,10 +72,14 @@ class StepTrainer:
         sampler = PoissonBatchSampler(len(self.examples), self.sample_rate, steps, randomness=self.sampling)
         stats = StepStats()
         bar = tqdm(sampler, total=steps, desc=description, disable=not progress, dynamic_ncols=True)
-        for indices in bar:
-            self.step(indices, stats)
-            if stats.steps % 10 == 0 or stats.steps == steps:
-                bar.set_postfix(loss=f"{float(stats.loss_sum) / max(stats.examples, 1):.3f}")
-            if on_step is not None:
-                on_step(stats.steps)
+        # A side network's frozen backbone states are kept for examples drawn again, when the run draws each
+        # example more than once in expectation (more than one epoch); other models are left alone.
+        reused = steps * self.sample_rate > 1
+        with cached_backbone_states(self.model) if reused else nullcontext():
+            for indices in bar:
+                self.step(indices, stats)
+                if stats.steps % 10 == 0 or stats.steps == steps:
+                    bar.set_postfix(loss=f"{float(stats.loss_sum) / max(stats.examples, 1):.3f}")
+                if on_step is not None:
+                    on_step(stats.steps)
         return stats.as_dict()

@@ -24,6 +24,7 @@ from dpmemarc_core.methods.side.network import (
     allowed_keys,
     matmul_dtype,
 )
+from dpmemarc_core.methods.side.state_cache import BackboneStateCache, assemble
 from dpmemarc_core.pooling import is_mean_pooled
 from dpmemarc_core.privacy.settings import check_count
 
@@ -67,10 +68,40 @@ class SideTunedModel(nn.Module):
         self.side = side
         self.config = backbone.config
         self.family = family
+        # Set while a run draws examples more than once (state_cache.cached_backbone_states); None: compute.
+        self.state_cache: BackboneStateCache | None = None
 
     def backbone_states(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
                         **backbone_kwargs) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Without autograd: [embedding output, layer 1 output, ..., layer L output] and the final hidden state."""
+        """Without autograd: [embedding output, layer 1 output, ..., layer L output] and the final hidden state
+        (rows seen before come from `state_cache` when one is set)."""
+        cache = self.state_cache
+        if cache is None or input_ids is None:
+            return self._compute_backbone_states(input_ids, attention_mask, **backbone_kwargs)
+        inputs = {"input_ids": input_ids, **{k: v for k, v in backbone_kwargs.items() if k != "use_cache"}}
+        lengths = BackboneStateCache.lengths(input_ids, attention_mask)
+        if lengths is None or not all(isinstance(t, torch.Tensor) and t.shape == input_ids.shape
+                                      for t in inputs.values()):
+            # left padding, or an input the key does not cover: computed, not cached
+            return self._compute_backbone_states(input_ids, attention_mask, **backbone_kwargs)
+        keys = BackboneStateCache.keys(lengths, list(inputs.values()))
+        rows = cache.rows(keys)
+        missing = [i for i, row in enumerate(rows) if row is None]
+        if missing:
+            # only the rows not seen before go through the backbone, cut to their longest real length
+            index = torch.tensor(missing, device=input_ids.device)
+            width = max(int(lengths[missing].max()), 1)
+            sub = {k: v.index_select(0, index)[:, :width] for k, v in inputs.items()}
+            sub_mask = None if attention_mask is None else attention_mask.index_select(0, index)[:, :width]
+            extra = {k: v for k, v in backbone_kwargs.items() if k == "use_cache"}
+            states, last_hidden = self._compute_backbone_states(attention_mask=sub_mask, **sub, **extra)
+            computed = cache.store([keys[i] for i in missing], lengths[missing], states, last_hidden)
+            for i, row in zip(missing, computed):
+                rows[i] = row
+        return assemble(rows, input_ids.shape[1], input_ids.device)
+
+    def _compute_backbone_states(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
+                                 **backbone_kwargs) -> tuple[list[torch.Tensor], torch.Tensor]:
         layers = self.family.layers
         states: list[torch.Tensor] = []
 
