@@ -15,6 +15,12 @@ train/test split of the movie snippets, so each seed is evaluated on its own 105
 
 Writes <out>/recipe_study.json (per cell: settings, accuracy before/after, ε spent, training seconds; per
 group: mean ± sd over seeds) and <out>/recipe_study.md.
+
+The table's baseline row is the private linear probe (DP logistic regression on the frozen MiniLM's mean-pooled
+features, the same seeds' test splits), read from <out>/probe.jsonl when it is there; it is made by
+
+    python benchmarks/private_probe.py --seeds 0,1,2 --epsilon 8,1.6,inf --pooling mean --normalize 0 \
+        --init random --batch-size 512 --epochs 30 --lr 0.005 --json results/recipe_study/probe.jsonl
 """
 
 from __future__ import annotations
@@ -136,9 +142,27 @@ def claims(groups: dict) -> list[str]:
     return lines
 
 
-def render(groups: dict, methods: list[str], epsilons: list[str], preset: str = "quick") -> str:
+PROBE_ROW = "private linear probe (baseline)"
+
+
+def read_probe(path: Path) -> dict[str, dict]:
+    """The probe's test accuracy (mean ± sd over its seeds) by ε key, from benchmarks/private_probe.py --json."""
+    if not path.exists():
+        return {}
+    found = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        if row.get("split") == "test":  # a validation sweep's lines are not results
+            found[epsilon_key(float(row["epsilon"]))] = mean_sd([100 * a for a in row["accuracy"]])
+    return found
+
+
+def render(groups: dict, methods: list[str], epsilons: list[str], preset: str = "quick",
+           probe: dict[str, dict] | None = None) -> str:
     rows = [[method] + [shown(groups[f"{method}/{epsilon_key(float(e))}"]["accuracy"]) for e in epsilons]
             for method in methods]
+    if probe:
+        rows.append([PROBE_ROW] + [shown(probe.get(epsilon_key(float(e)), mean_sd([]))) for e in epsilons])
     table = markdown_table([f"method ({preset} preset)"] + [epsilon_label(float(e)) for e in epsilons], rows)
     seeds = [markdown_table(["cell", "test acc % before → after", "n eval", "ε spent", "train s"],
                             [[f"{g['method']} ε={g['epsilon']} seed {c['seed']}",
@@ -198,9 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         with ThreadPoolExecutor(args.jobs) as pool:  # each cell is its own process; threads only wait on them
             list(pool.map(lambda job: run_cell(*job, cells, threads, args.preset), todo))
     groups = collect(cells, args.methods, args.epsilons, args.preset)
+    probe = read_probe(args.out / "probe.jsonl")
     write_json_atomic(args.out / "recipe_study.json",
-                      {"wall_seconds_this_run": time.perf_counter() - started, "groups": groups})
-    markdown = render(groups, args.methods, args.epsilons, args.preset)
+                      {"wall_seconds_this_run": time.perf_counter() - started, "groups": groups, "probe": probe})
+    markdown = render(groups, args.methods, args.epsilons, args.preset, probe)
     write_text_atomic(args.out / "recipe_study.md", markdown + "\n")
     print(markdown)
     return 0

@@ -74,3 +74,17 @@ def test_bad_arguments_name_the_option(argv, message, capsys):
         recipe_study.parse_args(argv)
     err = capsys.readouterr().err
     assert argv[0] in err and message in err
+
+
+def test_the_probe_is_a_baseline_row(tmp_path):
+    probe = tmp_path / "probe.jsonl"
+    assert recipe_study.read_probe(probe) == {}  # not made yet: no row
+    lines = [{"epsilon": 8.0, "split": "test", "accuracy": [0.766, 0.775, 0.760]},
+             {"epsilon": 8.0, "split": "validation", "accuracy": [0.9, 0.9, 0.9]},  # a sweep's line: not a result
+             {"epsilon": float("inf"), "split": "test", "accuracy": [0.771]}]
+    probe.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    found = recipe_study.read_probe(probe)
+    assert found["8"]["n"] == 3 and found["8"]["mean"] == pytest.approx(76.7)
+    table = recipe_study.render(recipe_study.collect(tmp_path / "cells", ["lora"], ["8", "1.6", "inf"]), ["lora"],
+                                ["8", "1.6", "inf"], probe=found)
+    assert f"| {recipe_study.PROBE_ROW} | 76.7 ± 0.8 (n=3) | not run | 77.1 (one seed) |" in table
