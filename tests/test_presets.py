@@ -57,5 +57,11 @@ def test_long_preset_is_quick_at_four_times_the_batch_over_four_epochs():
 def test_clip_groups_flag_reaches_the_config():
     assert _config().clip_groups == "all"
     assert _config("--clip-groups", "head").clip_groups == "head"
+    # full fine-tuning's preset clips its classifier head apart; a flag wins; generation has no head to clip
+    assert _config("--method", "full").clip_groups == "head"
+    assert _config("--preset", "long", "--method", "full").clip_groups == "head"
+    assert _config("--method", "full", "--clip-groups", "all").clip_groups == "all"
+    assert _config("--method", "full", "--task", "e2e").clip_groups == "all"
+    assert _config("--preset", "paper", "--method", "full").clip_groups == "all"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--clip-groups", "layer"])
