@@ -16,7 +16,8 @@ own larger rate (`QUICK_HEAD_LR`). Size matters under DP: noise of one scale lan
 coordinate, so a large LoRA rank stays near chance in the steps where r=1 learns (BENCHMARKS.md,
 "Quickstart recipe"). What decides most is the head: a mean-pooling encoder is classified from the mean of
 its token states (`dpmemarc_core.pooling`), and the head, which starts from scratch, needs a rate the
-backbone's part cannot take.
+backbone's part cannot take; for full fine-tuning it also needs its own share of the clipping norm
+(`_HEAD_APART`).
 """
 
 from __future__ import annotations
