@@ -33,7 +33,7 @@ class BackboneStateCache:
         self.bytes = 0
         self.hits = 0
         self.misses = 0
-        self._rows: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rows: dict[bytes, Row] = {}
 
     @staticmethod
     def lengths(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
