@@ -1,7 +1,7 @@
 """Named starting points for a single-site run (`dpmemarc train --preset NAME`).
 
 `long` is `quick` at a four times larger expected batch over four epochs: the same number of steps, a
-better signal-to-noise ratio per step at the same ε, four times the compute (~10 minutes for LoRA on 2 cores).
+better signal-to-noise ratio per step at the same ε, four times the compute (times: BENCHMARKS.md, "The long preset").
 
 `paper` is the paper's setting (B=32, T=128, DP-Adam lr 5e-4, LoRA/adapter r=64, one epoch): the library's
 TrainConfig defaults, with the paper's δ = 1/N instead of the library's 1/(10N). It is meant for a GPU and
