@@ -8,9 +8,12 @@ import pytest
 import torch
 from test_side import LABELS, PAD, VOCAB, _is_generation, _side
 
-import dpmemarc_core.training.loop as loop
-from dpmemarc_core.methods.side.state_cache import BackboneStateCache, cached_backbone_states
+from dpmemarc_core.methods.side.state_cache import (
+    BackboneStateCache,
+    cached_backbone_states,
+)
 from dpmemarc_core.privacy import PrivacySettings
+from dpmemarc_core.training import loop
 from dpmemarc_core.training.bk import PrivateTrainer
 
 
