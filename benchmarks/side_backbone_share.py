@@ -122,7 +122,8 @@ def main() -> None:
           f"{result['epochs']:g} epoch(s), {result['threads']} thread(s)): {result['step_seconds']:.2f} s per step, "
           f"backbone forward {result['backbone_seconds_per_step']:.2f} s ({100 * result['backbone_share']:.0f} %)")
     print(f"over this preset's {result['epochs']:g} epoch(s) a cache of the backbone's states saves at most "
-          f"{100 * result['largest_run_time_saving']:.0f} % of the run; at full length it would hold {result['cache_bytes_bf16_at_max_length'] / 2**30:.1f} GiB in bf16 "
+          f"{100 * result['largest_run_time_saving']:.0f} % of the run; at full length it would hold "
+          f"{result['cache_bytes_bf16_at_max_length'] / 2**30:.1f} GiB in bf16 "
           f"({result['cache_bytes_fp32_at_max_length'] / 2**30:.1f} GiB fp32) for {result['train_examples']} examples")
     if args.epochs is not None:
         result["cache"] = measure_cache(args.preset, args.epochs, args.examples, args.seed)
