@@ -75,9 +75,15 @@ def factored_clipped_sum(f: Factored, scale: torch.Tensor, shape: torch.Size,
     embedding's V×d, twice over, otherwise).
     """
     dt = norm_dtype(f.right.dtype)
-    right = (f.right.to(dt) * scale.to(dt)[:, None, None]).flatten(0, 1)
-    if f.left is not None:
-        part = f.left.to(dt).flatten(0, 1).transpose(0, 1) @ right
+    scale = scale.to(dt)[:, None, None]
+    left, right = (None if f.left is None else f.left.to(dt)), f.right.to(dt)
+    if left is not None and left.shape[-1] < right.shape[-1]:
+        left = left * scale  # scale the narrower factor: B·T·min(rows, cols) products instead of B·T·cols
+    else:
+        right = right * scale
+    right = right.flatten(0, 1)
+    if left is not None:
+        part = left.flatten(0, 1).transpose(0, 1) @ right
         return part if out is None else out.add_(part)
     if out is None:
         out = torch.zeros(shape, dtype=dt, device=right.device)
