@@ -15,6 +15,12 @@ Wall time with all of torch's threads (its default) is the headline figure: it i
 and it shows work that does not parallelise (noise drawing, per-layer Python, small reductions). Process
 CPU time is the second column; `--threads 1` gives the one-thread view. Both need a quiet machine, and
 `--repeats` ≥ 2 (rounds in alternating order): a single measurement moves by ±5 %.
+
+`--paired` measures each DP variant's ratio to its baseline differently, for a machine whose speed drifts
+between processes (a shared virtual machine): one subprocess holds both steps and times them in pairs, in
+ABBA order, so that drift lands on both alike; the figure is the median of the per-pair ratios.
+
+    python benchmarks/step_speed.py --paired --variants bk-full --repeats 2 --steps 8
 """
 
 from __future__ import annotations
@@ -252,6 +258,30 @@ def measure(step: Callable[[], None], device: torch.device, warmup: int, steps: 
             "step_peak_over_setup_mib": peak - setup_mib, "threads": torch.get_num_threads()}
 
 
+def paired_times(baseline: Callable[[], None], variant: Callable[[], None], device: torch.device, warmup: int,
+                 pairs: int) -> dict:
+    """Time `pairs` pairs of steps of the two, one process: the baseline first in even pairs, the variant first
+    in odd ones (ABBA), so that a machine speeding up or slowing down favours neither; each pair's ratio is
+    variant / baseline."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        baseline()
+        variant()
+    base_times: list[float] = []
+    times: list[float] = []
+    for i in range(pairs):
+        order = [(base_times, baseline), (times, variant)]
+        for record, step in (order if i % 2 == 0 else order[::-1]):
+            sync()
+            start = time.perf_counter()
+            step()
+            sync()
+            record.append(time.perf_counter() - start)
+    ratios = [t / b for t, b in zip(times, base_times)]
+    return {"baseline_times_s": base_times, "times_s": times, "ratios": ratios,
+            "median_ratio": statistics.median(ratios), "threads": torch.get_num_threads()}
+
+
 def random_ids(batch_size: int, seq_len: int, vocab_size: int, device: torch.device) -> torch.Tensor:
     """The one fixed batch every timed step sees."""
     generator = torch.Generator().manual_seed(1)
@@ -265,6 +295,41 @@ def run_variant(args: argparse.Namespace) -> dict:
     step = make_step(args.one, device, args.batch_size, args.seq_len, args.fastdp_src)
     ids = random_ids(args.batch_size, args.seq_len, 50257, device)
     return measure(lambda: step(ids), device, args.warmup, args.steps)
+
+
+def run_pair(args: argparse.Namespace) -> dict:
+    """`args.pair` and its baseline in this one process, timed in pairs (`paired_times`)."""
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ids = random_ids(args.batch_size, args.seq_len, 50257, device)
+    baseline = make_step(VARIANTS[args.pair][0], device, args.batch_size, args.seq_len, args.fastdp_src)
+    variant = make_step(args.pair, device, args.batch_size, args.seq_len, args.fastdp_src)
+    return paired_times(lambda: baseline(ids), lambda: variant(ids), device, args.warmup, args.steps)
+
+
+def combine_pairs(runs: list[dict]) -> dict:
+    """One row per variant: the median of every pair's ratio over all rounds, and each round's median."""
+    ok = [run for run in runs if run["status"] == "ok"]
+    if not ok:
+        return {**runs[-1], "rounds": runs}
+    ratios = [r for run in ok for r in run["ratios"]]
+    return {"status": "ok", "threads": ok[0]["threads"], "pairs": len(ratios), "median_ratio": statistics.median(ratios),
+            "min_ratio": min(ratios), "max_ratio": max(ratios),
+            "round_median_ratios": [run["median_ratio"] for run in ok], "rounds": runs}
+
+
+def print_pairs(results: dict[str, dict], threads: int) -> None:
+    print(f"\n{'variant':<20} {'baseline':<10} {'pairs':>5} {'median ×':>9} {'min–max':>12}  per round  "
+          f"(threads={threads}; × = variant / baseline wall time, pair by pair)")
+    for variant, row in results.items():
+        if row["status"] != "ok":
+            print(f"{variant:<20} failed: {row['error'][:150]}")
+            continue
+        rounds = " / ".join(f"{r:.3f}" for r in row["round_median_ratios"])
+        spread = f"{row['min_ratio']:.2f}–{row['max_ratio']:.2f}"
+        print(f"{variant:<20} {VARIANTS[variant][0]:<10} {row['pairs']:>5} {row['median_ratio']:>9.3f} {spread:>12}"
+              f"  {rounds}")
 
 
 # ---- the driver: one subprocess per variant -----------------------------------------------------------
@@ -289,7 +354,7 @@ def run_in_subprocess(command: list[str]) -> dict:
 
 
 def run_rounds(names: list[str], describe: Callable[[str], str], command_for: Callable[[str], list[str]],
-               repeats: int) -> dict[str, list[dict]]:
+               repeats: int, summary: Callable[[dict], str] | None = None) -> dict[str, list[dict]]:
     """Each name's runs, one subprocess per name and round."""
     rounds: dict[str, list[dict]] = {name: [] for name in names}
     for r in range(repeats):
@@ -298,8 +363,13 @@ def run_rounds(names: list[str], describe: Callable[[str], str], command_for: Ca
             print(f"round {r + 1}/{repeats}: {name} ({describe(name)}) ...", flush=True)
             run = run_in_subprocess(command_for(name))
             rounds[name].append(run)
-            print(f"  {run['status']}: " + (f"median {run['median_s']:.2f}s wall, {run['median_cpu_s']:.2f}s CPU"
-                                            if run["status"] == "ok" else run["error"]), flush=True)
+            if run["status"] != "ok":
+                done = run["error"]
+            elif summary is not None:
+                done = summary(run)
+            else:
+                done = f"median {run['median_s']:.2f}s wall, {run['median_cpu_s']:.2f}s CPU"
+            print(f"  {run['status']}: {done}", flush=True)
     return rounds
 
 
@@ -397,9 +467,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--fastdp-src", default=os.environ.get("FASTDP_SRC"),
                         help="directory holding fastDP's source tree (the one containing fastDP/)")
+    parser.add_argument("--paired", action="store_true",
+                        help="time each DP variant against its baseline in one process, pair by pair (ABBA); "
+                             "--steps is then the number of pairs")
     parser.add_argument("--one", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    parser.add_argument("--pair", choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     check_timing_arguments(parser, args)
+    if args.paired and all(VARIANTS[v][0] == v for v in args.variants):
+        parser.error("--paired needs at least one variant with a baseline other than itself (e.g. bk-full)")
     return args
 
 
@@ -408,18 +484,32 @@ def main(argv: list[str] | None = None) -> None:
     if args.one:
         print(RESULT_TAG + json.dumps(run_variant(args)), flush=True)
         return
+    if args.pair:
+        print(RESULT_TAG + json.dumps(run_pair(args)), flush=True)
+        return
     machine = machine_facts(args.device, args.fastdp_src)
-    variants = list(dict.fromkeys([VARIANTS[v][0] for v in args.variants] + args.variants))
+    model = "GPT2Config() defaults (12 layers, 768 hidden, vocab 50257), random weights"
+    dp = {"noise_multiplier": NOISE_MULTIPLIER, "max_grad_norm": MAX_GRAD_NORM, "clip_fn": "abadi"}
     fastdp = ["--fastdp-src", args.fastdp_src] if args.fastdp_src else []
+    if args.paired:
+        variants = [v for v in args.variants if VARIANTS[v][0] != v]
+        rounds = run_rounds(variants, lambda v: f"{VARIANTS[v][1]}, paired with {VARIANTS[v][0]}",
+                            lambda v: [sys.executable, __file__, "--pair", v, *timing_flags(args), *fastdp],
+                            args.repeats, summary=lambda run: f"median ratio {run['median_ratio']:.3f}")
+        results = {v: {"description": VARIANTS[v][1], "baseline": VARIANTS[v][0], **combine_pairs(runs)}
+                   for v, runs in rounds.items()}
+        print_pairs(results, args.threads)
+        out = Path(args.out or Path(__file__).parent / "results" / f"step_speed_paired_{args.device}.json")
+        write_results(out, args, machine, model=model, dp=dp, paired=True, results=results)
+        return
+    variants = list(dict.fromkeys([VARIANTS[v][0] for v in args.variants] + args.variants))
     rounds = run_rounds(variants, lambda v: VARIANTS[v][1],
                         lambda v: [sys.executable, __file__, "--one", v, *timing_flags(args), *fastdp], args.repeats)
     results = {v: {"description": VARIANTS[v][1], **combine(runs)} for v, runs in rounds.items()}
     with_ratios(results, lambda v: VARIANTS[v][0])
     print_table(results, args.threads)
     out = Path(args.out or Path(__file__).parent / "results" / f"step_speed_{args.device}.json")
-    write_results(out, args, machine, model="GPT2Config() defaults (12 layers, 768 hidden, vocab 50257), random weights",
-                  dp={"noise_multiplier": NOISE_MULTIPLIER, "max_grad_norm": MAX_GRAD_NORM, "clip_fn": "abadi"},
-                  results=results)
+    write_results(out, args, machine, model=model, dp=dp, results=results)
 
 
 if __name__ == "__main__":
