@@ -48,10 +48,19 @@ def test_unknown_preset_is_a_clear_error():
 
 
 def test_long_preset_is_quick_at_four_times_the_batch_over_four_epochs():
-    quick, long = _config("--method", "side"), _config("--preset", "long", "--method", "side")
+    quick, long = _config("--method", "adapter"), _config("--preset", "long", "--method", "adapter")
     assert (long.batch_size, long.epochs) == (4 * quick.batch_size, 4 * quick.epochs)
     assert long == TrainConfig(**{**quick.__dict__, "batch_size": long.batch_size, "epochs": long.epochs})
     assert _config("--preset", "long", "--epochs", "2").epochs == 2
+
+
+def test_long_preset_trains_the_side_network_sixteen_epochs():
+    # its later epochs run on cached backbone states (chosen on validation; presets._LONG_EPOCHS_OF)
+    quick, long = _config("--method", "side"), _config("--preset", "long", "--method", "side")
+    assert (long.batch_size, long.epochs) == (4 * quick.batch_size, 16 * quick.epochs)
+    assert long == TrainConfig(**{**quick.__dict__, "batch_size": long.batch_size, "epochs": long.epochs})
+    assert _config("--preset", "long", "--method", "side", "--epochs", "4").epochs == 4
+    assert _config("--preset", "long", "--method", "lora").epochs == 4
 
 
 def test_clip_groups_flag_reaches_the_config():

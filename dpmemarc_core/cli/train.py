@@ -25,7 +25,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", default="quick", choices=PRESETS,
                    help="starting point for every setting below left unset: 'quick' learns in a few CPU minutes "
                         "(B=128, one epoch of all examples, T=48, lr 5e-3, LoRA r=1, head lr 2e-2), 'long' is quick at "
-                        "B=512 over 4 epochs (same steps, 4x the compute), 'paper' is the paper's (B=32, T=128, "
+                        "B=512 over 4 epochs (same steps, 4x the compute; side: 16 epochs), 'paper' is the paper's (B=32, T=128, "
                         "lr 5e-4, r=64, one epoch of all examples); see dpmemarc_core/training/presets.py")
     p.add_argument("--model", default=d.model, help="HF name or path, or an offline alias: minilm, smollm2-135m")
     p.add_argument("--task", default=d.task, help="task name (see dpmemarc_core.data.TASKS)")
