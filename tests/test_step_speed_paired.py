@@ -27,7 +27,7 @@ def test_pairs_alternate_which_step_goes_first(step_speed):
     assert len(result["ratios"]) == len(result["times_s"]) == len(result["baseline_times_s"]) == 4
     expected = [t / b for t, b in zip(result["times_s"], result["baseline_times_s"])]
     assert result["ratios"] == expected
-    assert result["median_ratio"] == sorted(expected)[1] / 2 + sorted(expected)[2] / 2
+    assert result["median_ratio"] == pytest.approx((sorted(expected)[1] + sorted(expected)[2]) / 2)
 
 
 def test_driver_writes_paired_ratios(step_speed, tmp_path, monkeypatch):
