@@ -54,6 +54,8 @@ SEEDS = (0, 1, 2)
 # The issue's aims (percent test accuracy, mean over seeds): the private linear probe's level at ε = 8, LoRA,
 # side and rev within 2 points of non-private LoRA, and at ε = 1.6 at least 75.
 PROBE_LEVEL, WITHIN_NON_PRIVATE, LOW_EPSILON_LEVEL = 77.0, 2.0, 75.0
+# The issue judges each aim on the mean of at least this many seeds.
+AIM_SEEDS = 3
 
 
 def cell_name(method: str, seed: int | str, epsilon: str) -> str:
@@ -117,6 +119,13 @@ def collect(cells: Path, methods: list[str], epsilons: list[str], preset: str = 
     return groups
 
 
+def level_verdict(accuracy: dict, level: float) -> str:
+    """An aim on a mean accuracy: "met" only on the aim's number of seeds; fewer seeds say how far they got."""
+    if accuracy["mean"] < level:
+        return "not met"
+    return "met" if accuracy["n"] >= AIM_SEEDS else f"at the level, but the aim needs {AIM_SEEDS} seeds"
+
+
 def claims(groups: dict) -> list[str]:
     """The issue's aims, each judged on the seeds done (a 95 % Welch interval where a difference is claimed)."""
     lines = []
@@ -127,7 +136,7 @@ def claims(groups: dict) -> list[str]:
             continue
         if group["epsilon"] == "8":
             lines.append(f"- {group['method']} at ε = 8 ≥ {PROBE_LEVEL:.0f} %: mean {acc['mean']:.1f} "
-                         f"({'met' if acc['mean'] >= PROBE_LEVEL else 'not met'}, n = {acc['n']})")
+                         f"({level_verdict(acc, PROBE_LEVEL)}, n = {acc['n']})")
             if group["method"] in ("lora", "side", "rev") and non_private:
                 interval = welch_interval([c["accuracy"] for c in group["cells"]],
                                           [c["accuracy"] for c in non_private])
@@ -138,7 +147,7 @@ def claims(groups: dict) -> list[str]:
                              f"{spread}: {margin_verdict(interval, WITHIN_NON_PRIVATE)}")
         elif group["epsilon"] == "1.6":
             lines.append(f"- {group['method']} at ε = 1.6 ≥ {LOW_EPSILON_LEVEL:.0f} %: mean {acc['mean']:.1f} "
-                         f"({'met' if acc['mean'] >= LOW_EPSILON_LEVEL else 'not met'}, n = {acc['n']})")
+                         f"({level_verdict(acc, LOW_EPSILON_LEVEL)}, n = {acc['n']})")
     return lines
 
 

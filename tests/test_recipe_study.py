@@ -48,6 +48,15 @@ def test_claims_judge_each_aim(tmp_path):
     assert "holds" in verdicts[0] and "fails" in verdicts[1], verdicts
 
 
+def test_an_aim_on_fewer_seeds_than_three_is_not_called_met(tmp_path):
+    cells = tmp_path / "cells"
+    write_summary(cells, "rev", 0, "8", 0.78)
+    write_summary(cells, "rev", 0, "1.6", 0.74)
+    lines = "\n".join(recipe_study.claims(recipe_study.collect(cells, ["rev"], ["8", "1.6"])))
+    assert "rev at ε = 8 ≥ 77 %: mean 78.0 (at the level, but the aim needs 3 seeds, n = 1)" in lines
+    assert "rev at ε = 1.6 ≥ 75 %: mean 74.0 (not met, n = 1)" in lines
+
+
 def test_a_done_cell_is_not_run_again_and_a_missing_one_runs_the_user_command(tmp_path, monkeypatch):
     cells = tmp_path / "cells"
     write_summary(cells, "lora", 0, "8", 0.77)
