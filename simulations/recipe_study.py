@@ -76,7 +76,8 @@ def run_cell(method: str, seed: int, epsilon: str, cells: Path, threads: int, pr
     directory.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    with open(directory.with_suffix(".log"), "w") as log:
+    # not with_suffix: "rev-s1-e1.6" would lose its ".6" and share a log with ε = 1
+    with open(cells / f"{directory.name}.log", "w") as log:
         proc = subprocess.run(command(method, seed, epsilon, directory, preset), stdout=log, stderr=subprocess.STDOUT,
                               env=env, check=False)  # a failed cell is reported, the others still run
     status = "done" if proc.returncode == 0 else f"failed (exit {proc.returncode}; see {directory.name}.log)"

@@ -73,6 +73,7 @@ def test_a_done_cell_is_not_run_again_and_a_missing_one_runs_the_user_command(tm
     directory = cells / "rev-s1-e1.6"
     assert calls == [(["dpmemarc", "train", "--method", "rev", "--seed", "1", "--epsilon", "1.6", "--no-progress",
                        "--output", str(directory)], "1")]
+    assert (cells / "rev-s1-e1.6.log").exists() and not (cells / "rev-s1-e1.log").exists()
 
 
 @pytest.mark.parametrize("argv, message", [(["--methods", "lora,foo"], "unknown"),
