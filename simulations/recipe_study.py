@@ -77,10 +77,11 @@ def run_cell(method: str, seed: int, epsilon: str, cells: Path, threads: int, pr
     started = time.perf_counter()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     # not with_suffix: "rev-s1-e1.6" would lose its ".6" and share a log with ε = 1
-    with open(cells / f"{directory.name}.log", "w") as log:
+    log_path = cells / f"{directory.name}.log"
+    with open(log_path, "w") as log:
         proc = subprocess.run(command(method, seed, epsilon, directory, preset), stdout=log, stderr=subprocess.STDOUT,
                               env=env, check=False)  # a failed cell is reported, the others still run
-    status = "done" if proc.returncode == 0 else f"failed (exit {proc.returncode}; see {directory.name}.log)"
+    status = "done" if proc.returncode == 0 else f"failed (exit {proc.returncode}; see {log_path.name})"
     print(f"{cell_name(method, seed, epsilon)}: {status} in {time.perf_counter() - started:.0f} s", flush=True)
 
 
