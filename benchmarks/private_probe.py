@@ -29,6 +29,7 @@ from torch import nn
 from dpmemarc_core.data import _movie_sentiment, _split
 from dpmemarc_core.models import load_backbone
 from dpmemarc_core.privacy import PrivacySettings, noise_multiplier_for
+from dpmemarc_core.privacy.settings import DEFAULT_DELTA_RULE, DELTA_RULES
 from dpmemarc_core.training.bk import PrivateTrainer
 from dpmemarc_core.training.config import sample_rate_for
 
@@ -95,8 +96,8 @@ def split_features(features: torch.Tensor, seed: int) -> tuple[torch.Tensor, ...
 
 def run_probe(features: torch.Tensor, labels: torch.Tensor, eval_features: torch.Tensor, eval_labels: torch.Tensor,
               *, epsilon: float, batch_size: int, epochs: float, lr: float, max_grad_norm: float, init: str,
-              clip_fn: str) -> float:
-    """Accuracy on the eval features after one private run (δ = 1/(10N), RDP)."""
+              clip_fn: str, delta: str | float = DEFAULT_DELTA_RULE) -> float:
+    """Accuracy on the eval features after one private run (RDP; `delta` a number or a rule of N)."""
     n = len(features)
     examples = [{"features": features[i], "labels": int(labels[i])} for i in range(n)]
 
@@ -106,7 +107,7 @@ def run_probe(features: torch.Tensor, labels: torch.Tensor, eval_features: torch
         return {"features": torch.stack([e["features"] for e in batch]),
                 "labels": torch.tensor([e["labels"] for e in batch])}
 
-    privacy = PrivacySettings(target_epsilon=epsilon, max_grad_norm=max_grad_norm, clip_fn=clip_fn)
+    privacy = PrivacySettings(target_epsilon=epsilon, max_grad_norm=max_grad_norm, clip_fn=clip_fn, delta=delta)
     q = sample_rate_for(batch_size, n)
     steps = max(1, round(epochs * n / batch_size))
     sigma = (noise_multiplier_for(target_epsilon=epsilon, delta=privacy.resolved_delta(n), sample_rate=q, steps=steps)
@@ -131,9 +132,18 @@ def main() -> None:
     parser.add_argument("--max-grad-norm", default="1.0")
     parser.add_argument("--clip-fn", default="abadi", help="comma-separated: abadi, automatic")
     parser.add_argument("--max-length", type=int, default=48)
+    parser.add_argument("--delta", default=DEFAULT_DELTA_RULE,
+                        help=f"a number in (0, 1) or a rule of N: {', '.join(DELTA_RULES)} (default %(default)s; "
+                             "simulations.table2 uses 1/N, the paper's)")
     parser.add_argument("--validation", action="store_true", help="score on 10 %% of train, never on test")
     parser.add_argument("--json", type=Path, help="append one JSON line per setting")
     args = parser.parse_args()
+    try:  # a bad --delta stops here, named, before the backbone runs
+        delta = args.delta if args.delta in DELTA_RULES else float(args.delta)
+        PrivacySettings(delta=delta)
+    except ValueError as error:
+        parser.error(f"--delta {args.delta!r}: expected a number in (0, 1) or one of {', '.join(DELTA_RULES)} "
+                     f"({error})")
     torch.set_num_threads(1)
     grid = [dict(epsilon=float(e), pooling=p, normalize=bool(int(z)), init=i, batch_size=int(b), epochs=float(ep),
                  lr=float(lr), max_grad_norm=float(c), clip_fn=f)
@@ -152,10 +162,10 @@ def main() -> None:
             if setting["normalize"]:
                 x, ex = nn.functional.normalize(x, dim=-1), nn.functional.normalize(ex, dim=-1)
             torch.manual_seed(seed)
-            accs.append(run_probe(x, y, ex, ey, **{k: v for k, v in setting.items()
-                                                    if k not in ("pooling", "normalize")}))
+            accs.append(run_probe(x, y, ex, ey, delta=delta, **{k: v for k, v in setting.items()
+                                                                 if k not in ("pooling", "normalize")}))
         sd = statistics.stdev(accs) if len(accs) > 1 else math.nan
-        row = {**setting, "split": "validation" if args.validation else "test", "seeds": seeds,
+        row = {**setting, "delta": args.delta, "split": "validation" if args.validation else "test", "seeds": seeds,
                "accuracy": accs, "mean": float(np.mean(accs)), "sd": sd}
         print(json.dumps(row), flush=True)
         if args.json:

@@ -514,6 +514,27 @@ def mean_sd(values: list[float]) -> dict:
             "sd": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
 
 
+PROBE_ROW = "private linear probe (baseline)"
+# What benchmarks/private_probe.py wrote before it had --delta (and still writes by default).
+PROBE_DEFAULT_DELTA = "1/(10N)"
+
+
+def read_probe(path: Path, delta: str = PROBE_DEFAULT_DELTA) -> dict[str, dict]:
+    """The private linear probe's test accuracy in % (mean ± sd over its seeds, and each seed's value) by ε key,
+    from the JSON lines of `benchmarks/private_probe.py --json`, at privacy parameter `delta` only (a probe at
+    another δ is another baseline). A validation sweep's lines are not results; a later line for the same ε wins."""
+    if not path.exists():
+        return {}
+    found = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        if row.get("split") == "test" and str(row.get("delta", PROBE_DEFAULT_DELTA)) == str(delta):
+            values = [100 * a for a in row["accuracy"]]
+            found[epsilon_key(float(row["epsilon"]))] = {
+                **mean_sd(values), "values": {str(s): v for s, v in zip(row.get("seeds", range(len(values))), values)}}
+    return found
+
+
 def summarize(cells: Iterable[dict | None], read: Callable[[dict], float | None]) -> dict:
     """`read` over the cells that are done: `mean_sd` and each seed's value (keyed by the seed, as JSON keys are
     strings)."""

@@ -37,12 +37,14 @@ from pathlib import Path
 from dpmemarc_core.training.presets import PRESETS
 from simulations.common import (
     DEFAULT_RESULTS,
+    PROBE_ROW,
     available_cores,
     epsilon_key,
     epsilon_label,
     margin_verdict,
     markdown_table,
     mean_sd,
+    read_probe,
     welch_interval,
     write_json_atomic,
     write_text_atomic,
@@ -151,21 +153,6 @@ def claims(groups: dict) -> list[str]:
             lines.append(f"- {group['method']} at ε = 1.6 ≥ {LOW_EPSILON_LEVEL:.0f} %: mean {acc['mean']:.1f} "
                          f"({level_verdict(acc, LOW_EPSILON_LEVEL)}, n = {acc['n']})")
     return lines
-
-
-PROBE_ROW = "private linear probe (baseline)"
-
-
-def read_probe(path: Path) -> dict[str, dict]:
-    """The probe's test accuracy (mean ± sd over its seeds) by ε key, from benchmarks/private_probe.py --json."""
-    if not path.exists():
-        return {}
-    found = {}
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
-        if row.get("split") == "test":  # a validation sweep's lines are not results
-            found[epsilon_key(float(row["epsilon"]))] = mean_sd([100 * a for a in row["accuracy"]])
-    return found
 
 
 def render(groups: dict, methods: list[str], epsilons: list[str], preset: str = "quick",

@@ -8,15 +8,26 @@
 Every accuracy is the mean ± sd over the config's seeds; cells at the class prior are labelled so. The claim
 check prints side/rev − DP-LoRA at ε=8 with a 95 % Welch interval and a verdict. Memory columns simulate the
 paper's exact setting (RoBERTa-large, B=32, T=128, bf16) at every scale.
+
+Offline, the private linear probe (DP logistic regression on the frozen MiniLM's mean-pooled features; no
+backbone weight trained) is the baseline row of the movie-snippets columns, read from probe.jsonl beside the
+table when it was made at the table's δ, on the same seeds' splits:
+
+    python benchmarks/private_probe.py --seeds 0,1,2 --epsilon 1.6,8,inf --pooling mean --normalize 0 \
+        --init random --batch-size 512 --epochs 30 --lr 0.005 --delta 1/N --json results/table2/offline/probe.jsonl
 """
 
 from __future__ import annotations
 
 import time
+from functools import partial
+from pathlib import Path
 
 from simulations import paper_numbers
 from simulations.common import (
     PRIOR_Z,
+    PROBE_DEFAULT_DELTA,
+    PROBE_ROW,
     Footnotes,
     cell_value,
     class_prior,
@@ -27,9 +38,12 @@ from simulations.common import (
     load_config,
     margin_verdict,
     markdown_table,
+    mean_sd,
     memory_cell_id,
     memory_spec,
     parse_args,
+    read_probe,
+    run_name,
     run_table,
     scale_note,
     seed_cells,
@@ -44,6 +58,9 @@ NAME = "table2"
 PAPER_ROWS = ("full", "lora", "adapter", "bitfit", "prompt", "side", "rev")
 CLAIM_EPSILON = 8.0
 CLAIM_POINTS = 2.0
+# The probe embeds the movie snippets with the offline MiniLM (benchmarks/private_probe.py): its row has no
+# other column.
+PROBE_MODEL, PROBE_TASK = "minilm", "movie-sentiment"
 
 
 def paper_column(config: dict, task: str) -> str | None:
@@ -98,7 +115,30 @@ def prior_footnote(config: dict, summary: dict, task: str) -> str:
             "the label frequencies, not the task, so its number is no result (it is in the JSON).")
 
 
-def render(config: dict, train_cells: dict, memory_cells: dict, summary: dict) -> str:
+def probe_row(config: dict, probe: dict[str, dict]) -> list[str]:
+    """The private linear probe's row: its accuracy over the config's seeds in the movie-snippets columns,
+    '…' for an ε it has not run, '—' where it does not apply."""
+    row = [PROBE_ROW] + ["—"] * len(config["epsilons"])
+    seeds = [str(s) for s in config["seeds"]]
+    for task in config["tasks"]:
+        for e in config["epsilons"]:
+            if task != PROBE_TASK:
+                row.append("—")
+                continue
+            values = probe.get(epsilon_key(e), {}).get("values", {})
+            found = mean_sd([values[s] for s in seeds if s in values])
+            text = "…" if found["n"] == 0 else f"{found['mean']:.1f}"
+            if found["sd"] is not None:
+                text += f" ± {found['sd']:.1f}"
+            if 0 < found["n"] < len(seeds):
+                text += f" (n={found['n']})"
+            row.append(text)
+    return row + ["—"]
+
+
+def render(config: dict, train_cells: dict, memory_cells: dict, summary: dict,
+           probe: dict[str, dict] | None = None) -> str:
+    """The table; `probe` (of `read_probe`) adds the private linear probe as a baseline row."""
     notes = Footnotes()
     epsilons = config["epsilons"]
     header = ["Method"] + [f"Memory GiB {epsilon_label(e)}" for e in epsilons]
@@ -132,6 +172,8 @@ def render(config: dict, train_cells: dict, memory_cells: dict, summary: dict) -
                                lambda c: 100.0 * c["trainable_parameters"] / c["total_parameters"], ".2f", notes)
         row.append(with_paper(share, paper and paper["trainable_percent"], ".2f"))
         rows.append(row)
+    if probe and config["model"] == PROBE_MODEL and PROBE_TASK in config["tasks"]:
+        rows.append(probe_row(config, probe))
 
     parts = [
         f"## Table 2: text classification ({config['model']}), accuracy % and training memory",
@@ -207,7 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter(), time.time()
     args = parse_args(NAME, __doc__.splitlines()[0], argv)
     config = load_config(args.config, args.scale, args.quick)
-    return run_table(NAME, args, config, started, summarize_cells, render)
+    probe = read_probe(Path(args.results) / NAME / run_name(args) / "probe.jsonl",
+                       str(config.get("delta", PROBE_DEFAULT_DELTA)))
+    return run_table(NAME, args, config, started, summarize_cells, partial(render, probe=probe))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ paper scale failing fast without the hub, and its wiring when the hub is (preten
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import time
@@ -480,6 +481,28 @@ def test_table2_prints_mean_sd_claim_intervals_and_class_prior_labels(tmp_path):
         cells[f"synthetic__side__eps8__seed{seed}"]["metrics"]["accuracy"] = value
     assert "side − DP-LoRA -9.0 points [" in table2.render(config, cells, {}, table2.summarize_cells(config, cells))
     assert "]: fails" in table2.render(config, cells, {}, table2.summarize_cells(config, cells))
+
+
+def test_table2_shows_the_private_probe_at_its_delta_as_the_movie_snippets_baseline(tmp_path):
+    probe = tmp_path / "probe.jsonl"
+    lines = [{"epsilon": 8.0, "delta": "1/N", "split": "test", "seeds": [0, 1, 2], "accuracy": [0.77, 0.78, 0.76]},
+             {"epsilon": 8.0, "split": "test", "seeds": [0, 1, 2], "accuracy": [0.5, 0.5, 0.5]},  # δ = 1/(10N)
+             {"epsilon": 8.0, "delta": "1/N", "split": "validation", "seeds": [0], "accuracy": [0.9]},
+             {"epsilon": float("inf"), "delta": "1/N", "split": "test", "seeds": [0, 5], "accuracy": [0.8, 0.1]}]
+    probe.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    assert common.read_probe(tmp_path / "absent.jsonl", "1/N") == {}
+    assert common.read_probe(probe)["8"]["mean"] == pytest.approx(50.0)  # the default δ's line only
+    found = common.read_probe(probe, "1/N")
+    assert found["8"]["values"] == pytest.approx({"0": 77.0, "1": 78.0, "2": 76.0})
+    config = render_config(tmp_path)
+    config["epsilons"] = [1.6, 8.0, math.inf]
+    summary = table2.summarize_cells(config, {})
+    assert common.PROBE_ROW not in table2.render(config, {}, {}, summary, probe=found)  # not the probe's task
+    config |= {"model": table2.PROBE_MODEL, "tasks": [table2.PROBE_TASK]}
+    summary = table2.summarize_cells(config, {})
+    markdown = table2.render(config, {}, {}, summary, probe=found)
+    # seed 5 is not one of the table's seeds [0, 1, 2]: ε=∞ shows seed 0 alone, marked as one of three
+    assert f"| {common.PROBE_ROW} | — | — | — | … | 77.0 ± 1.0 | 80.0 (n=1) | — |" in markdown
 
 
 def test_table3_prints_mean_sd_and_differences_with_dp_lora(tmp_path):
