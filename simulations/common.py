@@ -519,7 +519,15 @@ PROBE_ROW = "private linear probe (baseline)"
 PROBE_DEFAULT_DELTA = "1/(10N)"
 
 
-def read_probe(path: Path, delta: str = PROBE_DEFAULT_DELTA) -> dict[str, dict]:
+def _delta_key(delta: str | float) -> str | float:
+    """A δ rule as written ("1/N"), a number as a float (so "1e-5" and 1e-05 match)."""
+    try:
+        return float(delta)
+    except ValueError:
+        return str(delta)
+
+
+def read_probe(path: Path, delta: str | float = PROBE_DEFAULT_DELTA) -> dict[str, dict]:
     """The private linear probe's test accuracy in % (mean ± sd over its seeds, and each seed's value) by ε key,
     from the JSON lines of `benchmarks/private_probe.py --json`, at privacy parameter `delta` only (a probe at
     another δ is another baseline). A validation sweep's lines are not results; a later line for the same ε wins."""
@@ -528,7 +536,7 @@ def read_probe(path: Path, delta: str = PROBE_DEFAULT_DELTA) -> dict[str, dict]:
     found = {}
     for line in path.read_text().splitlines():
         row = json.loads(line)
-        if row.get("split") == "test" and str(row.get("delta", PROBE_DEFAULT_DELTA)) == str(delta):
+        if row.get("split") == "test" and _delta_key(row.get("delta", PROBE_DEFAULT_DELTA)) == _delta_key(delta):
             values = [100 * a for a in row["accuracy"]]
             found[epsilon_key(float(row["epsilon"]))] = {
                 **mean_sd(values), "values": {str(s): v for s, v in zip(row.get("seeds", range(len(values))), values)}}

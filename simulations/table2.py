@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(NAME, __doc__.splitlines()[0], argv)
     config = load_config(args.config, args.scale, args.quick)
     probe = read_probe(Path(args.results) / NAME / run_name(args) / "probe.jsonl",
-                       str(config.get("delta", PROBE_DEFAULT_DELTA)))
+                       config.get("delta", PROBE_DEFAULT_DELTA))
     return run_table(NAME, args, config, started, summarize_cells, partial(render, probe=probe))
 
 

@@ -494,6 +494,8 @@ def test_table2_shows_the_private_probe_at_its_delta_as_the_movie_snippets_basel
     assert common.read_probe(probe)["8"]["mean"] == pytest.approx(50.0)  # the default δ's line only
     found = common.read_probe(probe, "1/N")
     assert found["8"]["values"] == pytest.approx({"0": 77.0, "1": 78.0, "2": 76.0})
+    probe.write_text(json.dumps({"epsilon": 8.0, "delta": "1e-5", "split": "test", "accuracy": [0.7]}) + "\n")
+    assert common.read_probe(probe, 1e-05)["8"]["mean"] == pytest.approx(70.0)  # a number matches as a number
     config = render_config(tmp_path)
     config["epsilons"] = [1.6, 8.0, math.inf]
     summary = table2.summarize_cells(config, {})
