@@ -618,6 +618,16 @@ def timing(started: float, started_at: float, processes: int, cells: Iterable[di
             "cells_shown": len(cells), "cell_seconds_shown": sum(c.get("seconds", 0.0) for c in cells)}
 
 
+def training_runs(previous: Path, record: dict, args: argparse.Namespace) -> list[dict]:
+    """Every invocation that trained cells, oldest first, with the subset it asked for: the wall time of each
+    part of a table run in several commands (`timing` is only the latest, which a --report rewrites)."""
+    runs = json.loads(previous.read_text()).get("runs", []) if previous.exists() else []
+    if record["cells_run"]:
+        asked = {k: getattr(args, k, None) for k in ("tasks", "methods", "epsilons", "seeds")}
+        runs.append({**record, "asked": asked, "finished_at": time.time()})
+    return runs
+
+
 def timing_line(name: str, record: dict) -> str:
     return (f"{name}: {record['cells_run']} cell(s) run in {record['wall_seconds']:.0f} s wall with --jobs "
             f"{record['jobs']}; the {record['cells_shown']} trained cell(s) shown took "
@@ -724,7 +734,7 @@ def run_table(name: str, args: argparse.Namespace, config: dict, started: tuple[
     summary = summarize_cells(config, train_cells)
     record = timing(*started, args.jobs, train_cells.values())
     write_outputs(out, name, {"config": config, "summary": summary, "train": train_cells, "memory": memory_cells,
-                              "timing": record},
+                              "timing": record, "runs": training_runs(out / f"{name}.json", record, args)},
                   render(config, train_cells, memory_cells, summary))
     print(timing_line(name, record), flush=True)
     return 0

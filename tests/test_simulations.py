@@ -422,6 +422,7 @@ def test_table2_offline_writes_cells_per_seed_markdown_with_paper_numbers_and_re
     assert result["train"]["synthetic__nosuchmethod__epsinf__seed0"]["status"] == "error"
     assert result["timing"]["cells_run"] == 6 and result["timing"]["jobs"] == 1
     assert result["timing"]["wall_seconds"] > 0 and result["timing"]["cell_seconds_shown"] > 0
+    assert [run["cells_run"] for run in result["runs"]] == [6]  # this invocation, kept for the next ones
     markdown = (out / "table2.md").read_text()
     assert "(96.25)" in markdown and "(7.12)" in markdown and "PromptDPSGD" in markdown  # the paper's, beside ours
     assert "n/a[^" in markdown and "unknown method" in markdown  # the failed cell's reason, as a footnote
@@ -446,6 +447,8 @@ def test_table2_offline_writes_cells_per_seed_markdown_with_paper_numbers_and_re
     (out / "table2.md").unlink()
     table2.main(argv + ["--report"])  # runs nothing, not even the failed cells; writes the table again
     assert (out / "table2.md").read_text() == markdown
+    runs = json.loads((out / "table2.json").read_text())["runs"]  # the report added no run and lost none
+    assert [run["cells_run"] for run in runs] == [6, 2] and all(run["wall_seconds"] > 0 for run in runs)
 
 
 def render_config(tmp_path) -> dict:
