@@ -1,22 +1,16 @@
 """benchmarks/ghost_rule.py: both forms timed per layer shape, and the pick is the library's mixed rule."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from dpmemarc_core.privacy.layers import GhostRule
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-
 
 @pytest.fixture
-def ghost_rule(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    import ghost_rule
-
-    return ghost_rule
+def ghost_rule(benchmark_script):
+    return benchmark_script("ghost_rule")
 
 
 def test_both_forms_are_timed_and_compute_the_same_clipped_sum(ghost_rule, tmp_path):

@@ -3,21 +3,15 @@
 import json
 import math
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import GPT2Config
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-
 
 @pytest.fixture
-def method_speed(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    import method_speed
-
-    return method_speed
+def method_speed(benchmark_script):
+    return benchmark_script("method_speed")
 
 
 @pytest.fixture

@@ -1,20 +1,14 @@
 """benchmarks/private_probe.py: the baseline's privacy parameter is the one asked for, and a bad one stops it early."""
 
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-
 
 @pytest.fixture
-def probe(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    import private_probe
-
-    return private_probe
+def probe(benchmark_script):
+    return benchmark_script("private_probe")
 
 
 def test_the_probe_calibrates_its_noise_at_the_delta_asked_and_learns(probe, monkeypatch):

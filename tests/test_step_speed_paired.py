@@ -3,20 +3,14 @@
 import json
 import math
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-
 
 @pytest.fixture
-def step_speed(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    import step_speed
-
-    return step_speed
+def step_speed(benchmark_script):
+    return benchmark_script("step_speed")
 
 
 def test_pairs_alternate_which_step_goes_first(step_speed):
