@@ -609,6 +609,29 @@ def class_prior(cells: Iterable[dict | None]) -> dict | None:
             "eval_examples": sizes, "at_prior": abs(accuracy - share) <= noise}
 
 
+def no_change(cells: Iterable[dict | None]) -> dict | None:
+    """Whether training moved the done cells' accuracy at all: the mean change from each seed's accuracy before
+    training, against PRIOR_Z standard errors of a difference of two binomial accuracies on that seed's
+    evaluation examples (taken as independent, which errs toward "no change"). A cell can learn nothing and still
+    sit away from the class prior (a random head that favours the minority class). None when no done cell
+    recorded its accuracy before training and its evaluation size."""
+    done = [c for c in cells if c is not None and c.get("status") == "done" and c.get("eval_examples")
+            and "accuracy" in c.get("metrics_before", {})]
+    if not done:
+        return None
+    pairs = [(c["metrics"]["accuracy"], c["metrics_before"]["accuracy"], c["eval_examples"]) for c in done]
+    change = statistics.fmean(after - before for after, before, _ in pairs)
+    noise = PRIOR_Z * math.sqrt(sum((a * (1 - a) + b * (1 - b)) / n for a, b, n in pairs)) / len(done)
+    return {"change": change, "before": statistics.fmean(b for _, b, _ in pairs), "noise": noise,
+            "n_seeds": len(done), "unchanged": abs(change) <= noise}
+
+
+def no_change_note(unchanged: dict) -> str:
+    return (f"no change: the mean accuracy moved {100 * unchanged['change']:+.1f} points from before training "
+            f"({100 * unchanged['before']:.1f} %), within {PRIOR_Z:g} standard errors (±{100 * unchanged['noise']:.1f}): "
+            "training moved nothing measurable, so its number is no result (it is in the JSON)")
+
+
 def timing(started: float, started_at: float, processes: int, cells: Iterable[dict]) -> dict:
     """Wall time of this invocation and the run time of every trained cell shown (summed over the runs that
     made them). `started` is a perf_counter reading, `started_at` the wall clock then."""

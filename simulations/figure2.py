@@ -30,6 +30,8 @@ from simulations.common import (
     memory_selection,
     memory_spec,
     memory_store,
+    no_change,
+    no_change_note,
     parse_args,
     require_hub,
     run_cells,
@@ -76,7 +78,8 @@ def summarize_cells(config: dict, train_cells: dict) -> dict:
         cells = seed_cells(train_cells, name, config)
         out[name] = {"accuracy": summarize(cells, lambda c: 100.0 * c["metrics"]["accuracy"]),
                      "eval_examples": summarize(cells, lambda c: c.get("eval_examples"))["values"],
-                     "class_prior": class_prior(cells)}
+                     "class_prior": class_prior(cells),
+                     "no_change": no_change(cells)}
     return out
 
 
@@ -90,6 +93,8 @@ def render(config: dict, train_cells: dict, memory_cells: dict, summary: dict) -
             accuracy = "class prior" + notes.ref(
                 f"accuracy within {PRIOR_Z:g} binomial standard errors of the majority-class share of the evaluation "
                 f"examples ({100 * prior['majority_share']:.1f} %): the label frequencies, not the task, were learned")
+        elif summary[name]["no_change"] is not None and summary[name]["no_change"]["unchanged"]:
+            accuracy = "no change" + notes.ref(no_change_note(summary[name]["no_change"]))
         else:
             accuracy = seed_text(seed_cells(train_cells, name, config), summary[name]["accuracy"], ".1f", notes)
         memory = cell_value(memory_cells.get(memory_cell_id(variant_memory_spec(config, variant["options"]))),
@@ -133,13 +138,15 @@ def plot(config: dict, summary: dict, memory_cells: dict, path: Path) -> None:
     positions = list(range(len(labels)))
     means = [a["mean"] for a in accuracy]
     priors = [summary[name]["class_prior"] for name in variants]
-    at_prior = [p is not None and p["at_prior"] for p in priors]
+    unchanged = [summary[name]["no_change"] for name in variants]
+    at_prior = [(p is not None and p["at_prior"]) or (u is not None and u["unchanged"])
+                for p, u in zip(priors, unchanged)]
     axes[0].bar(positions, [m or 0.0 for m in means], yerr=[a["sd"] or 0.0 for a in accuracy], capsize=4,
                 color=["tab:blue" if m is not None and not low else "lightgray" for m, low in zip(means, at_prior)])
     shares = [100 * p["majority_share"] for p in priors if p is not None]
     if shares:
         axes[0].axhline(sum(shares) / len(shares), color="tab:red", linestyle="--", linewidth=1,
-                        label="majority-class share (gray bars: within its sampling noise)")
+                        label="majority-class share (gray bars: within its sampling noise, or unchanged by training)")
         axes[0].legend(fontsize=8, loc="lower right")
     for x, a in zip(positions, accuracy):
         axes[0].scatter([x] * a["n"], list(a["values"].values()), color="black", s=10, zorder=3)

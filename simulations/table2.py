@@ -41,6 +41,8 @@ from simulations.common import (
     mean_sd,
     memory_cell_id,
     memory_spec,
+    no_change,
+    no_change_note,
     parse_args,
     read_probe,
     run_name,
@@ -93,16 +95,21 @@ def summarize_cells(config: dict, train_cells: dict) -> dict:
                 out[base] = {"accuracy": summarize(cells, accuracy_percent),
                              "accuracy_before": summarize(cells, accuracy_before_percent),
                              "eval_examples": summarize(cells, lambda c: c.get("eval_examples"))["values"],
-                             "class_prior": class_prior(cells)}
+                             "class_prior": class_prior(cells),
+                             "no_change": no_change(cells)}
     return out
 
 
 def accuracy_text(config: dict, train_cells: dict, summary: dict, base: str, notes: Footnotes,
                   prior_note: str) -> str:
-    """A cell at the class prior is labelled so, not shown as a result (its numbers stay in the JSON)."""
+    """A cell at the class prior, or where it started, is labelled so, not shown as a result (its numbers stay in
+    the JSON)."""
     prior = summary[base]["class_prior"]
     if prior is not None and prior["at_prior"]:
         return "class prior" + notes.ref(prior_note)
+    unchanged = summary[base]["no_change"]
+    if unchanged is not None and unchanged["unchanged"]:
+        return "no change" + notes.ref(no_change_note(unchanged))
     return seed_text(seed_cells(train_cells, base, config), summary[base]["accuracy"], ".1f", notes)
 
 
@@ -224,7 +231,10 @@ def claim_check(config: dict, train_cells: dict, memory_cells: dict, summary: di
         if any(g["accuracy"]["n"] == 0 for g in groups.values()):
             lines.append(f"- {task}: not all of lora/side/rev finished at ε=8")
             continue
-        at_prior = [m for m, g in groups.items() if g["class_prior"] is not None and g["class_prior"]["at_prior"]]
+        at_prior = [f"{m} at the class prior" for m, g in groups.items()
+                    if g["class_prior"] is not None and g["class_prior"]["at_prior"]]
+        at_prior += [f"{m} unchanged by training" for m, g in groups.items()
+                     if g["no_change"] is not None and g["no_change"]["unchanged"]]
         lora = groups["lora"]["accuracy"]
         verdicts = []
         for method in ("side", "rev"):
@@ -234,7 +244,7 @@ def claim_check(config: dict, train_cells: dict, memory_cells: dict, summary: di
                 gap = f"{ours['mean'] - lora['mean']:+.1f} points (no interval)"
             else:
                 gap = f"{interval['difference']:+.1f} points [{interval['low']:+.1f}, {interval['high']:+.1f}]"
-            verdict = ("says nothing: " + ", ".join(at_prior) + " at the class prior" if at_prior
+            verdict = ("says nothing: " + ", ".join(at_prior) if at_prior
                        else margin_verdict(interval, CLAIM_POINTS))
             verdicts.append(f"{method} − DP-LoRA {gap}: {verdict}")
         learned = ", ".join(f"{m} {g['accuracy_before']['mean']:.1f} → {g['accuracy']['mean']:.1f}"

@@ -32,6 +32,7 @@ from simulations.common import (
     fingerprint,
     load_config,
     margin_verdict,
+    no_change,
     run_cells,
     sign_verdict,
     summarize,
@@ -266,6 +267,21 @@ def test_class_prior_flags_accuracy_within_sampling_noise_of_the_majority_share(
     assert class_prior([done_cell(0, 0.602)]) is None  # no label counts recorded: cannot tell
 
 
+def test_no_change_flags_accuracy_within_sampling_noise_of_where_training_started():
+    counts = {"0": 500, "1": 500}
+    # DPZero at epsilon 1.6: a random head favouring the minority class stays there, far from the 50 % prior
+    stuck = [done_cell(s, after, before=before, counts=counts) for s, (before, after) in
+             enumerate([(0.43, 0.435), (0.55, 0.548), (0.49, 0.492)])]
+    unchanged = no_change(stuck)
+    assert unchanged["change"] == pytest.approx(0.005 / 3) and unchanged["unchanged"]
+    # 1.96 standard errors of a difference of two independent binomial accuracies, mean of three seeds of 1000
+    variance = sum(a * (1 - a) + b * (1 - b) for b, a in [(0.43, 0.435), (0.55, 0.548), (0.49, 0.492)]) / 1000
+    assert unchanged["noise"] == pytest.approx(1.96 * variance ** 0.5 / 3)
+    assert not no_change([done_cell(s, 0.53, before=0.50, counts=counts) for s in range(3)])["unchanged"]  # +3 > 2.5
+    assert not no_change([done_cell(s, 0.47, before=0.50, counts=counts) for s in range(3)])["unchanged"]  # worse too
+    assert no_change([done_cell(0, 0.5)]) is None  # no evaluation size recorded: cannot tell
+
+
 def test_cells_are_written_atomically_and_failures_retried(tmp_path):
     store = CellStore(tmp_path / "cells")
     calls = []
@@ -476,6 +492,14 @@ def test_table2_prints_mean_sd_claim_intervals_and_class_prior_labels(tmp_path):
     assert "| MemDPT_rev | … (5.65) | 85.5 ± 0.7 (n=2) (93.89) |" in markdown
     assert "| DP-BiTFiT | … (5.88) | class prior[^1] (93.02) |" in markdown
     assert "[^1]: synthetic: the majority class is 60.0 % of the evaluation examples" in markdown
+    for seed in range(3):  # side where it started (78 % before, 78 % mean after): no change, and the claim says nothing
+        cells[f"synthetic__side__eps8__seed{seed}"]["metrics_before"]["accuracy"] = 0.78
+    unchanged = table2.render(config, cells, {}, table2.summarize_cells(config, cells))
+    assert "| MemDPT_side | … (6.23) | no change[^2] (95.44) |" in unchanged
+    assert "[^2]: no change: the mean accuracy moved +0.0 points from before training (78.0 %)" in unchanged
+    assert "side − DP-LoRA -2.0 points [-4.3, +0.3]: says nothing: side unchanged by training" in unchanged
+    for seed in range(3):
+        cells[f"synthetic__side__eps8__seed{seed}"]["metrics_before"]["accuracy"] = 0.5
     # side - lora: -2 with Welch df 4, t = 2.776, se = sqrt(2/3): [-4.3, +0.3] straddles -2
     assert "side − DP-LoRA -2.0 points [-4.3, +0.3]: cannot be told apart at this size" in markdown
     assert "rev − DP-LoRA +5.5 points [" in markdown and "]: holds" in markdown
