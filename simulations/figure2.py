@@ -10,6 +10,7 @@ memory of the paper's model, one pair per variant.
 
 from __future__ import annotations
 
+import statistics
 import time
 from functools import partial
 from pathlib import Path
@@ -42,11 +43,13 @@ from simulations.common import (
     seeded_id,
     seeds_note,
     selection,
+    sign_verdict,
     summarize,
     timing,
     timing_line,
     train_cell,
     train_settings,
+    welch_interval,
     with_seed,
     write_outputs,
 )
@@ -113,11 +116,33 @@ def render(config: dict, train_cells: dict, memory_cells: dict, summary: dict) -
         "",
         markdown_table(["F", "Accuracy %", "Memory GiB"], rows),
         "",
+        claim_check(config, summary),
+        "",
         f"![figure 2]({NAME}.png)",
     ]
     if notes.notes:
         parts += ["", notes.render()]
     return "\n".join(parts) + "\n"
+
+
+def claim_check(config: dict, summary: dict) -> str:
+    """The paper's reading (F = LoRA best), as LoRA minus each other F with its 95 % Welch interval over seeds."""
+    variants = variants_of(config)
+    lines = ["Claim check (the paper: F = LoRA is best): LoRA's mean accuracy minus each other F's, with the 95 % "
+             "Welch t interval over seeds."]
+    if "lora" not in variants or summary["lora"]["accuracy"]["n"] == 0:
+        return "\n".join(lines + ["- LoRA has not finished"])
+    lora = list(summary["lora"]["accuracy"]["values"].values())
+    for name, variant in variants.items():
+        values = list(summary[name]["accuracy"]["values"].values())
+        if name == "lora" or not values:
+            continue
+        interval = welch_interval(lora, values)
+        gap = (f"{statistics.fmean(lora) - statistics.fmean(values):+.1f} points (no interval)" if interval is None
+               else f"{interval['difference']:+.1f} points [{interval['low']:+.1f}, {interval['high']:+.1f}]")
+        verdict = sign_verdict(interval, "LoRA higher", f"{variant['label']} higher")
+        lines.append(f"- LoRA − {variant['label']}: {gap}: {verdict}")
+    return "\n".join(lines)
 
 
 def plot(config: dict, summary: dict, memory_cells: dict, path: Path) -> None:

@@ -675,3 +675,19 @@ def test_figure2_trains_every_shipped_f_at_the_scale_rank_and_sizes_memory_at_th
         assert result["summary"][variant]["accuracy"]["n"] == 1
     memory_options = sorted(c["spec"]["method_options"]["r"] for c in result["memory"].values())
     assert memory_options == [64] * 4
+
+
+def test_figure2_claim_check_gives_lora_minus_each_other_f_with_its_interval(tmp_path):
+    config = load_config(CONFIG_DIR / "figure2.toml", "offline")
+    accuracy = {"lora": (80.0, 81.0, 82.0), "parallel_adapter": (70.0, 71.0, 72.0), "prefix": (80.0, 81.0, 82.0),
+                "dylora": (79.0,)}
+    summary = {name: {"accuracy": summarize([done_cell(s, v / 100) for s, v in enumerate(values)],
+                                            lambda c: 100.0 * c["metrics"]["accuracy"])}
+               for name, values in accuracy.items()}
+    text = figure2.claim_check(config, summary)
+    # +10 with Welch df 4, t = 2.776, se = sqrt(2/3): [+7.7, +12.3]
+    assert "- LoRA − Parallel adapter: +10.0 points [+7.7, +12.3]: LoRA higher" in text
+    assert "- LoRA − Prefix tuning: +0.0 points [-2.3, +2.3]: cannot be told apart at this size" in text
+    assert "- LoRA − DyLoRA: +2.0 points (no interval): cannot be told apart at this size (needs at least 2" in text
+    summary["lora"]["accuracy"] = summarize([], lambda c: 0.0)
+    assert "- LoRA has not finished" in figure2.claim_check(config, summary)
