@@ -628,8 +628,9 @@ def no_change(cells: Iterable[dict | None]) -> dict | None:
 
 def no_change_note(unchanged: dict) -> str:
     return (f"no change: the mean accuracy moved {100 * unchanged['change']:+.1f} points from before training "
-            f"({100 * unchanged['before']:.1f} %), within {PRIOR_Z:g} standard errors (±{100 * unchanged['noise']:.1f}): "
-            "training moved nothing measurable, so its number is no result (it is in the JSON)")
+            f"({100 * unchanged['before']:.1f} %), within {PRIOR_Z:g} standard errors "
+            f"(±{100 * unchanged['noise']:.1f}): training moved nothing measurable, so its number is no result (it is "
+            "in the JSON)")
 
 
 def timing(started: float, started_at: float, processes: int, cells: Iterable[dict]) -> dict:

@@ -164,10 +164,10 @@ def plot(config: dict, summary: dict, memory_cells: dict, path: Path) -> None:
     means = [a["mean"] for a in accuracy]
     priors = [summary[name]["class_prior"] for name in variants]
     unchanged = [summary[name]["no_change"] for name in variants]
-    at_prior = [(p is not None and p["at_prior"]) or (u is not None and u["unchanged"])
-                for p, u in zip(priors, unchanged)]
+    no_result = [(p is not None and p["at_prior"]) or (u is not None and u["unchanged"])
+                 for p, u in zip(priors, unchanged)]
     axes[0].bar(positions, [m or 0.0 for m in means], yerr=[a["sd"] or 0.0 for a in accuracy], capsize=4,
-                color=["tab:blue" if m is not None and not low else "lightgray" for m, low in zip(means, at_prior)])
+                color=["tab:blue" if m is not None and not gray else "lightgray" for m, gray in zip(means, no_result)])
     shares = [100 * p["majority_share"] for p in priors if p is not None]
     if shares:
         axes[0].axhline(sum(shares) / len(shares), color="tab:red", linestyle="--", linewidth=1,

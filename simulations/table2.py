@@ -231,10 +231,10 @@ def claim_check(config: dict, train_cells: dict, memory_cells: dict, summary: di
         if any(g["accuracy"]["n"] == 0 for g in groups.values()):
             lines.append(f"- {task}: not all of lora/side/rev finished at ε=8")
             continue
-        at_prior = [f"{m} at the class prior" for m, g in groups.items()
-                    if g["class_prior"] is not None and g["class_prior"]["at_prior"]]
-        at_prior += [f"{m} unchanged by training" for m, g in groups.items()
-                     if g["no_change"] is not None and g["no_change"]["unchanged"]]
+        no_result = [f"{m} at the class prior" for m, g in groups.items()
+                     if g["class_prior"] is not None and g["class_prior"]["at_prior"]]
+        no_result += [f"{m} unchanged by training" for m, g in groups.items()
+                      if g["no_change"] is not None and g["no_change"]["unchanged"]]
         lora = groups["lora"]["accuracy"]
         verdicts = []
         for method in ("side", "rev"):
@@ -244,7 +244,7 @@ def claim_check(config: dict, train_cells: dict, memory_cells: dict, summary: di
                 gap = f"{ours['mean'] - lora['mean']:+.1f} points (no interval)"
             else:
                 gap = f"{interval['difference']:+.1f} points [{interval['low']:+.1f}, {interval['high']:+.1f}]"
-            verdict = ("says nothing: " + ", ".join(at_prior) if at_prior
+            verdict = ("says nothing: " + ", ".join(no_result) if no_result
                        else margin_verdict(interval, CLAIM_POINTS))
             verdicts.append(f"{method} − DP-LoRA {gap}: {verdict}")
         learned = ", ".join(f"{m} {g['accuracy_before']['mean']:.1f} → {g['accuracy']['mean']:.1f}"
