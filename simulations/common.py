@@ -568,6 +568,16 @@ def welch_interval(a: list[float], b: list[float], level: float = 0.95) -> dict 
     return {"difference": difference, "low": difference - half, "high": difference + half, "df": df, "level": level}
 
 
+def difference_text(a: list[float], b: list[float], fmt: str = ".1f", unit: str = " points") -> tuple[str, dict | None]:
+    """mean(a) - mean(b) as text with its 95 % Welch interval ("+1.2 points [-0.3, +2.7]"), or "(no interval)"
+    after it with fewer than two values on a side; and the interval (None then). Both lists must be non-empty."""
+    interval = welch_interval(a, b)
+    if interval is None:
+        return f"{statistics.fmean(a) - statistics.fmean(b):+{fmt}}{unit} (no interval)", None
+    return (f"{interval['difference']:+{fmt}}{unit} [{interval['low']:+{fmt}}, {interval['high']:+{fmt}}]",
+            interval)
+
+
 def margin_verdict(interval: dict | None, margin: float) -> str:
     """The claim "a is at most `margin` below b", judged on the interval of mean(a) - mean(b)."""
     if interval is None:
@@ -624,6 +634,20 @@ def no_change(cells: Iterable[dict | None]) -> dict | None:
     noise = PRIOR_Z * math.sqrt(sum((a * (1 - a) + b * (1 - b)) / n for a, b, n in pairs)) / len(done)
     return {"change": change, "before": statistics.fmean(b for _, b, _ in pairs), "noise": noise,
             "n_seeds": len(done), "unchanged": abs(change) <= noise}
+
+
+UNLEARNED = {"class prior": "at the class prior", "no change": "unchanged by training"}
+
+
+def unlearned(entry: dict) -> str | None:
+    """"class prior" or "no change" (a key of UNLEARNED) when a summarised cell's accuracy is no result
+    (`class_prior`, else `no_change`, as its "class_prior" / "no_change" entries say); None when it is one."""
+    prior, unchanged = entry.get("class_prior"), entry.get("no_change")
+    if prior is not None and prior["at_prior"]:
+        return "class prior"
+    if unchanged is not None and unchanged["unchanged"]:
+        return "no change"
+    return None
 
 
 def no_change_note(unchanged: dict) -> str:

@@ -10,7 +10,6 @@ memory of the paper's model, one pair per variant.
 
 from __future__ import annotations
 
-import statistics
 import time
 from functools import partial
 from pathlib import Path
@@ -23,6 +22,7 @@ from simulations.common import (
     Job,
     cell_value,
     class_prior,
+    difference_text,
     evaluation_note,
     load_config,
     markdown_table,
@@ -49,7 +49,7 @@ from simulations.common import (
     timing_line,
     train_cell,
     train_settings,
-    welch_interval,
+    unlearned,
     with_seed,
     write_outputs,
 )
@@ -91,13 +91,14 @@ def render(config: dict, train_cells: dict, memory_cells: dict, summary: dict) -
     (task,) = config["tasks"]
     rows = []
     for name, variant in variants_of(config).items():
-        prior = summary[name]["class_prior"]
-        if prior is not None and prior["at_prior"]:
-            accuracy = "class prior" + notes.ref(
+        label = unlearned(summary[name])
+        if label == "class prior":
+            accuracy = label + notes.ref(
                 f"accuracy within {PRIOR_Z:g} binomial standard errors of the majority-class share of the evaluation "
-                f"examples ({100 * prior['majority_share']:.1f} %): the label frequencies, not the task, were learned")
-        elif summary[name]["no_change"] is not None and summary[name]["no_change"]["unchanged"]:
-            accuracy = "no change" + notes.ref(no_change_note(summary[name]["no_change"]))
+                f"examples ({100 * summary[name]['class_prior']['majority_share']:.1f} %): the label frequencies, "
+                "not the task, were learned")
+        elif label == "no change":
+            accuracy = label + notes.ref(no_change_note(summary[name]["no_change"]))
         else:
             accuracy = seed_text(seed_cells(train_cells, name, config), summary[name]["accuracy"], ".1f", notes)
         memory = cell_value(memory_cells.get(memory_cell_id(variant_memory_spec(config, variant["options"]))),
@@ -137,9 +138,7 @@ def claim_check(config: dict, summary: dict) -> str:
         values = list(summary[name]["accuracy"]["values"].values())
         if name == "lora" or not values:
             continue
-        interval = welch_interval(lora, values)
-        gap = (f"{statistics.fmean(lora) - statistics.fmean(values):+.1f} points (no interval)" if interval is None
-               else f"{interval['difference']:+.1f} points [{interval['low']:+.1f}, {interval['high']:+.1f}]")
+        gap, interval = difference_text(lora, values)
         verdict = sign_verdict(interval, "LoRA higher", f"{variant['label']} higher")
         lines.append(f"- LoRA − {variant['label']}: {gap}: {verdict}")
     return "\n".join(lines)
@@ -163,9 +162,7 @@ def plot(config: dict, summary: dict, memory_cells: dict, path: Path) -> None:
     positions = list(range(len(labels)))
     means = [a["mean"] for a in accuracy]
     priors = [summary[name]["class_prior"] for name in variants]
-    unchanged = [summary[name]["no_change"] for name in variants]
-    no_result = [(p is not None and p["at_prior"]) or (u is not None and u["unchanged"])
-                 for p, u in zip(priors, unchanged)]
+    no_result = [unlearned(summary[name]) is not None for name in variants]
     axes[0].bar(positions, [m or 0.0 for m in means], yerr=[a["sd"] or 0.0 for a in accuracy], capsize=4,
                 color=["tab:blue" if m is not None and not gray else "lightgray" for m, gray in zip(means, no_result)])
     shares = [100 * p["majority_share"] for p in priors if p is not None]

@@ -28,9 +28,11 @@ from simulations.common import (
     PRIOR_Z,
     PROBE_DEFAULT_DELTA,
     PROBE_ROW,
+    UNLEARNED,
     Footnotes,
     cell_value,
     class_prior,
+    difference_text,
     epsilon_key,
     epsilon_label,
     evaluation_note,
@@ -52,7 +54,7 @@ from simulations.common import (
     seed_text,
     seeds_note,
     summarize,
-    welch_interval,
+    unlearned,
     with_paper,
 )
 
@@ -104,12 +106,11 @@ def accuracy_text(config: dict, train_cells: dict, summary: dict, base: str, not
                   prior_note: str) -> str:
     """A cell at the class prior, or where it started, is labelled so, not shown as a result (its numbers stay in
     the JSON)."""
-    prior = summary[base]["class_prior"]
-    if prior is not None and prior["at_prior"]:
-        return "class prior" + notes.ref(prior_note)
-    unchanged = summary[base]["no_change"]
-    if unchanged is not None and unchanged["unchanged"]:
-        return "no change" + notes.ref(no_change_note(unchanged))
+    label = unlearned(summary[base])
+    if label == "class prior":
+        return label + notes.ref(prior_note)
+    if label == "no change":
+        return label + notes.ref(no_change_note(summary[base]["no_change"]))
     return seed_text(seed_cells(train_cells, base, config), summary[base]["accuracy"], ".1f", notes)
 
 
@@ -231,19 +232,12 @@ def claim_check(config: dict, train_cells: dict, memory_cells: dict, summary: di
         if any(g["accuracy"]["n"] == 0 for g in groups.values()):
             lines.append(f"- {task}: not all of lora/side/rev finished at ε=8")
             continue
-        no_result = [f"{m} at the class prior" for m, g in groups.items()
-                     if g["class_prior"] is not None and g["class_prior"]["at_prior"]]
-        no_result += [f"{m} unchanged by training" for m, g in groups.items()
-                      if g["no_change"] is not None and g["no_change"]["unchanged"]]
+        no_result = [f"{m} {UNLEARNED[label]}" for m, g in groups.items() if (label := unlearned(g))]
         lora = groups["lora"]["accuracy"]
         verdicts = []
         for method in ("side", "rev"):
             ours = groups[method]["accuracy"]
-            interval = welch_interval(list(ours["values"].values()), list(lora["values"].values()))
-            if interval is None:
-                gap = f"{ours['mean'] - lora['mean']:+.1f} points (no interval)"
-            else:
-                gap = f"{interval['difference']:+.1f} points [{interval['low']:+.1f}, {interval['high']:+.1f}]"
+            gap, interval = difference_text(list(ours["values"].values()), list(lora["values"].values()))
             verdict = ("says nothing: " + ", ".join(no_result) if no_result
                        else margin_verdict(interval, CLAIM_POINTS))
             verdicts.append(f"{method} − DP-LoRA {gap}: {verdict}")

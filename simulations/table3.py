@@ -17,6 +17,7 @@ from simulations import paper_numbers
 from simulations.common import (
     Footnotes,
     cell_value,
+    difference_text,
     epsilon_key,
     epsilon_label,
     evaluation_note,
@@ -33,7 +34,6 @@ from simulations.common import (
     seeds_note,
     sign_verdict,
     summarize,
-    welch_interval,
     with_paper,
 )
 
@@ -157,17 +157,14 @@ def comparison(config: dict, memory_cells: dict, summary: dict) -> str:
             continue
         parts = []
         for metric, label, fmt in METRICS:
-            interval = welch_interval(list(groups[method][metric]["values"].values()),
-                                      list(groups["lora"][metric]["values"].values()))
+            gap, interval = difference_text(list(groups[method][metric]["values"].values()),
+                                            list(groups["lora"][metric]["values"].values()), fmt, unit="")
             higher, lower = ("worse", "better") if metric == "perplexity" else ("better", "worse")
             if interval is None:
-                gap = format(groups[method][metric]["mean"] - groups["lora"][metric]["mean"], "+" + fmt)
-                parts.append(f"{label} {gap} (no interval)")
+                parts.append(f"{label} {gap}")
             else:
                 verdict = sign_verdict(interval, f"{method} higher ({higher})", f"{method} lower ({lower})")
-                parts.append(f"{label} {format(interval['difference'], '+' + fmt)} "
-                             f"[{format(interval['low'], '+' + fmt)}, {format(interval['high'], '+' + fmt)}]: "
-                             f"{verdict}")
+                parts.append(f"{label} {gap}: {verdict}")
         seeds = f"{groups[method]['bleu']['n']}/{groups['lora']['bleu']['n']}"
         lines.append(f"- {method} − DP-LoRA (seeds {seeds}): " + "; ".join(parts))
     return "\n".join(lines)

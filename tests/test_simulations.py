@@ -29,6 +29,7 @@ from simulations.common import (
     CellStore,
     Job,
     class_prior,
+    difference_text,
     fingerprint,
     load_config,
     margin_verdict,
@@ -36,6 +37,7 @@ from simulations.common import (
     run_cells,
     sign_verdict,
     summarize,
+    unlearned,
     welch_interval,
 )
 
@@ -280,6 +282,22 @@ def test_no_change_flags_accuracy_within_sampling_noise_of_where_training_starte
     assert not no_change([done_cell(s, 0.53, before=0.50, counts=counts) for s in range(3)])["unchanged"]  # +3 > 2.5
     assert not no_change([done_cell(s, 0.47, before=0.50, counts=counts) for s in range(3)])["unchanged"]  # worse too
     assert no_change([done_cell(0, 0.5)]) is None  # no evaluation size recorded: cannot tell
+
+
+def test_difference_text_gives_the_interval_or_says_there_is_none():
+    text, interval = difference_text([80.0, 82.0, 81.0], [78.0, 79.0, 77.0])
+    assert interval == welch_interval([80.0, 82.0, 81.0], [78.0, 79.0, 77.0])
+    assert text == f"+3.0 points [{interval['low']:+.1f}, {interval['high']:+.1f}]" and interval["low"] > 0
+    assert difference_text([80.0], [78.0, 79.0]) == ("+1.5 points (no interval)", None)
+    assert difference_text([11.0, 12.0], [10.0, 10.5], ".2f", unit="")[0].startswith("+1.25 [")
+
+
+def test_unlearned_names_the_class_prior_before_no_change():
+    at_prior, moved = {"at_prior": True}, {"at_prior": False}
+    assert unlearned({"class_prior": at_prior, "no_change": {"unchanged": True}}) == "class prior"
+    assert unlearned({"class_prior": moved, "no_change": {"unchanged": True}}) == "no change"
+    assert unlearned({"class_prior": None, "no_change": {"unchanged": False}}) is None
+    assert unlearned({"class_prior": moved, "no_change": None}) is None
 
 
 def test_cells_are_written_atomically_and_failures_retried(tmp_path):
