@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from dpmemarc_core.privacy import PrivacySettings, noise_multiplier_for
+from dpmemarc_core.privacy import PrivacyAccountant, PrivacySettings, noise_multiplier_for
 from dpmemarc_core.training.build import build_run, make_trainer
 from dpmemarc_core.training.config import (
     TrainConfig,
@@ -20,6 +20,7 @@ from dpmemarc_core.training.config import (
     sample_rate_for,
 )
 from dpmemarc_core.training.precision import autocast_context
+from dpmemarc_core.training.probe_first import probe_steps_of, run_probe_then_tune
 
 
 def evaluate(model: torch.nn.Module, task, tokenizer, batch_size: int) -> dict:
@@ -55,6 +56,15 @@ def choose_physical_batch_size(cfg: TrainConfig, config, kind: str, device: torc
     return option.physical_batch_size
 
 
+def checked_probe_steps(cfg: TrainConfig, kind: str, steps: int) -> int:
+    """The steps of `cfg.probe_fraction` (head alone first): a BK method's classifier only."""
+    probe_steps = probe_steps_of(cfg.probe_fraction, steps)
+    if probe_steps and (kind != "classification" or cfg.method == "zo"):
+        raise ValueError(f"probe_fraction > 0 trains a classifier head first: it needs a classification task and "
+                         f"a BK method, got task {cfg.task!r} ({kind}) and method {cfg.method!r}")
+    return probe_steps
+
+
 def train(cfg: TrainConfig) -> dict:
     """One private fine-tuning run: evaluate, train, evaluate, write summary.json, the trainable state and the
     export folder ``final/`` (see `dpmemarc_core.methods.save_pretrained`)."""
@@ -81,20 +91,29 @@ def train(cfg: TrainConfig) -> dict:
     delta = privacy.resolved_delta(n)
     q = sample_rate_for(cfg.batch_size, n)
     steps = planned_steps(cfg, n)
+    probe_steps = checked_probe_steps(cfg, kind, steps)
     sigma = noise_multiplier_for(target_epsilon=privacy.target_epsilon, delta=delta, sample_rate=q, steps=steps,
                                  accountant=privacy.accountant)
     print(f"dpmemarc: {cfg.method} on {cfg.model} / {cfg.task}: {n} training examples, {steps} steps at expected "
           f"batch {cfg.batch_size} (q={q:.4g}), epsilon={privacy.target_epsilon} delta={delta:.3g} -> noise "
-          f"multiplier {sigma:.4g}; precision {cfg.precision}", flush=True)
+          f"multiplier {sigma:.4g}; precision {cfg.precision}"
+          + (f"; the first {probe_steps} steps train the classifier head alone" if probe_steps else ""), flush=True)
     eval_batch = cfg.physical_batch_size or max(cfg.batch_size, 32)
     with autocast_context(cfg.precision, device.type):
         before = evaluate(model, task, tokenizer, eval_batch)
     print(f"before training: {json.dumps(before)}", flush=True)
-    trainer = make_trainer(cfg.method, model, task.train, task.collate, privacy, q, sigma, lr=cfg.lr,
-                           head_lr=cfg.head_lr, physical_batch_size=cfg.physical_batch_size, device=device,
-                           sampling_seed=cfg.sampling_seed, noise_seed=cfg.noise_seed, precision=cfg.precision)
+    accountant = PrivacyAccountant(privacy.accountant)
+
+    def trainer_for(head_alone: bool):
+        # the head alone is one clipping group, whatever the run's clip_groups
+        settings = replace(privacy, clip_groups="all") if head_alone else privacy
+        return make_trainer(cfg.method, model, task.train, task.collate, settings, q, sigma, lr=cfg.lr,
+                            head_lr=cfg.head_lr, physical_batch_size=cfg.physical_batch_size, device=device,
+                            sampling_seed=cfg.sampling_seed, noise_seed=cfg.noise_seed, precision=cfg.precision,
+                            accountant=accountant)
+
     start = time.perf_counter()
-    train_stats = trainer.run(steps, progress=cfg.progress)
+    trainer, train_stats = run_probe_then_tune(trainer_for, model, steps, probe_steps, progress=cfg.progress)
     seconds = time.perf_counter() - start
     with autocast_context(cfg.precision, device.type):
         after = evaluate(model, task, tokenizer, eval_batch)
@@ -103,7 +122,7 @@ def train(cfg: TrainConfig) -> dict:
     summary = {
         "model": cfg.model, "task": cfg.task, "method": cfg.method,
         "epsilon": spent, "target_epsilon": privacy.target_epsilon, "delta": delta,
-        "noise_multiplier": sigma, "sample_rate": q, "steps": steps, "train_examples": n,
+        "noise_multiplier": sigma, "sample_rate": q, "steps": steps, "probe_steps": probe_steps, "train_examples": n,
         "eval_examples": len(task.eval),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "metrics_before": before, "metrics": after,

@@ -64,6 +64,10 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="all: one clipping norm over every trainable parameter; head: the classifier head and the "
                         "rest clipped separately, each to C/sqrt(2) (same noise, same epsilon); default: the "
                         "preset's")
+    p.add_argument("--probe-fraction", type=float, default=None,
+                   help="train the classifier head alone for this fraction of the steps first, then every trainable "
+                        "part (DP linear probing, then fine-tuning; same noise, same epsilon); in [0, 1), default: "
+                        "the preset's")
     p.add_argument("--accountant", default=d.accountant, choices=["rdp", "prv"])
     p.add_argument("--max-length", type=int, default=None, help="tokens; default: the preset's")
     p.add_argument("--max-train", type=int, default=None, help="cap on training examples (0 = all); default: the preset's")
@@ -86,7 +90,8 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     unset_by_default = {"epochs": args.epochs, "max_steps": args.max_steps, "batch_size": args.batch_size,
                         "lr": args.lr, "head_lr": args.head_lr, "max_length": args.max_length,
                         "max_train": args.max_train,
-                        "max_eval": args.max_eval, "delta": args.delta, "clip_groups": args.clip_groups}
+                        "max_eval": args.max_eval, "delta": args.delta, "clip_groups": args.clip_groups,
+                        "probe_fraction": args.probe_fraction}
     given = {k: v for k, v in unset_by_default.items() if v is not None}
     for cap in ("max_train", "max_eval"):
         if given.get(cap) == 0:

@@ -54,6 +54,11 @@ class PrivateTrainer(StepTrainer):
                                    backward_passes=getattr(model, "recommended_backward_passes", 1),
                                    clip_groups=clip_groups(model, privacy.clip_groups))
 
+    def close(self) -> None:
+        """Detach the BK engine's hooks, so that a later trainer of the same model (`probe_first`) books alone."""
+        if self.engine is not None:
+            self.engine.detach()
+
     def _micro_batches(self, indices: list[int]) -> list[list[int]]:
         size = self.physical_batch_size or max(len(indices), 1)
         return [indices[i:i + size] for i in range(0, len(indices), size)]

@@ -38,6 +38,9 @@ class TrainConfig:
     clipping_mode: str = "mixed"
     clip_fn: str = "abadi"
     clip_groups: str = "all"  # "head": clip a classifier head and the rest separately (PrivacySettings)
+    # The first fraction of the steps train the classifier head alone (DP linear probing, then fine-tuning:
+    # training/probe_first.py); same noise and accounting. 0: every trainable part from the first step.
+    probe_fraction: float = 0.0
     accountant: str = "rdp"
     max_length: int = 128
     max_train: int | None = None
