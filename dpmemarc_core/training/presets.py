@@ -2,7 +2,8 @@
 
 `long` is `quick` at a four times larger expected batch over four epochs: the same number of steps, a
 better signal-to-noise ratio per step at the same ε, four times the compute (times: BENCHMARKS.md, "The long preset").
-The side network trains sixteen epochs in it (`_LONG_EPOCHS_OF`): four times the steps, at little more cost.
+The side network trains sixteen epochs in it (`_LONG_EPOCHS_OF`): four times the steps, at little more cost;
+its head trains alone for the first three quarters of them (`_LONG_PROBE_FRACTION_OF`).
 
 `paper` is the paper's setting (B=32, T=128, DP-Adam lr 5e-4, LoRA/adapter r=64, one epoch): the library's
 TrainConfig defaults, with the paper's δ = 1/N instead of the library's 1/(10N). It is meant for a GPU and
@@ -44,6 +45,13 @@ LONG_BATCH_SIZE, LONG_EPOCHS = 512, 4.0
 # Chosen on validation (seed 0, ε = 8, 951 snippets): 4 epochs 77.5 %, 16 epochs 79.6 % (BENCHMARKS.md,
 # "The side network at 16 epochs").
 _LONG_EPOCHS_OF = {"side": 16.0}
+# Methods whose classifier head trains alone for the first part of the long preset's steps (DP linear probing,
+# then fine-tuning: training/probe_first.py). The side network's head at init reads the backbone's pooled state
+# (its up-projection starts at zero), so its first steps are a private linear probe. On validation (seeds 0-1,
+# ε = 8, 951 snippets): 0 % of the steps 78.3 % (eval loss 0.91, 620-747 s), 50 % 78.5 (0.79, 486 s), 75 % 78.5
+# (0.72, 414 s), 99 % (a probe with 3 side steps) 78.0 (0.62, 289 s): the same accuracy at lower loss in two
+# thirds of the time (BENCHMARKS.md, "Linear probing, then the side network").
+_LONG_PROBE_FRACTION_OF = {"side": 0.75}
 
 # Per method: (learning rate, method options) of the quick preset. Methods not listed keep the paper's.
 _QUICK_METHODS: dict[str, tuple[float, dict]] = {
@@ -75,7 +83,8 @@ def preset_config(name: str, method: str = "lora", **overrides) -> TrainConfig:
         cfg = replace(cfg, batch_size=128, epochs=1.0, max_length=48, max_train=None, max_eval=None, lr=lr,
                       head_lr=head_lr, method_options=dict(options))
     if name == "long":
-        cfg = replace(cfg, batch_size=LONG_BATCH_SIZE, epochs=_LONG_EPOCHS_OF.get(method, LONG_EPOCHS))
+        cfg = replace(cfg, batch_size=LONG_BATCH_SIZE, epochs=_LONG_EPOCHS_OF.get(method, LONG_EPOCHS),
+                      probe_fraction=_LONG_PROBE_FRACTION_OF.get(method, 0.0))
     options = {**cfg.method_options, **overrides.pop("method_options", {})}
     cfg = replace(cfg, method_options=options, **overrides)
     if name in ("quick", "long") and method in _HEAD_APART and "clip_groups" not in overrides \
