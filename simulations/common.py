@@ -315,15 +315,17 @@ def run_cells(store: CellStore, jobs: Iterable[Job | tuple], selected: Callable[
 # ---- training cells -------------------------------------------------------------------------------------
 
 
-def preset_settings(name: str, method: str) -> dict:
-    """The TrainConfig fields `dpmemarc train --preset NAME --method METHOD` sets away from TrainConfig's defaults
-    (`presets.preset_config`), so a config naming a preset trains what the command trains, and a retuned preset
-    changes the cells' settings (and so their fingerprints) without an edit to the config."""
+def preset_settings(name: str, method: str, task: str, epsilon: float) -> dict:
+    """The TrainConfig fields `dpmemarc train --preset NAME --method METHOD --task TASK --epsilon EPSILON` sets
+    away from TrainConfig's defaults (`presets.preset_config`; some choices depend on the task and ε), so a
+    config naming a preset trains what the command trains, and a retuned preset changes the cells' settings (and
+    so their fingerprints) without an edit to the config."""
     from dataclasses import asdict
 
     from dpmemarc_core.training.config import TrainConfig
     from dpmemarc_core.training.presets import preset_config
-    preset, default = asdict(preset_config(name, method)), asdict(TrainConfig(method=method))
+    cell = {"method": method, "task": task, "epsilon": epsilon}
+    preset, default = asdict(preset_config(name, **cell)), asdict(TrainConfig(**cell))
     return {k: v for k, v in preset.items() if v != default[k]}
 
 
@@ -332,7 +334,7 @@ def train_settings(config: dict, task: str, method: str, epsilon: float, **overr
     method, overridden by the config's own keys (method options merged over the preset's, as the command
     merges --method-option). They define the cell: a new TrainConfig field with a default leaves finished
     cells valid."""
-    preset = preset_settings(config["preset"], method) if "preset" in config else {}
+    preset = preset_settings(config["preset"], method, task, epsilon) if "preset" in config else {}
     fields = {**preset, **{k: config[k] for k in SETTING_KEYS if k in config}}
     fields["lr"] = config.get("method_lr", {}).get(method, fields.get("lr", 5e-4))
     fields["method_options"] = {**preset.get("method_options", {}), **config.get("method_options", {}).get(method, {})}
@@ -793,7 +795,8 @@ def scale_note(config: dict) -> str:
     included): those every method shares, then each method's own."""
     if config["scale"] == "paper":
         return f"Scale: paper ({config['model']}; tasks {', '.join(config['tasks'])})."
-    per_method = {m: {k: v for k, v in train_settings(config, "", m, math.inf).items()
+    # the settings of a private cell of the first task (a preset's choices can depend on both)
+    per_method = {m: {k: v for k, v in train_settings(config, config["tasks"][0], m, min(config["epsilons"])).items()
                       if k not in ("model", "task", "method", "epsilon") and v != {}}
                   for m in config["methods"]}
     shared = {k: v for k, v in next(iter(per_method.values())).items()

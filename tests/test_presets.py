@@ -58,11 +58,16 @@ def test_long_preset_trains_the_side_network_sixteen_epochs():
     # its later epochs run on cached backbone states (chosen on validation; presets._LONG_EPOCHS_OF)
     quick, long = _config("--method", "side"), _config("--preset", "long", "--method", "side")
     assert (long.batch_size, long.epochs) == (4 * quick.batch_size, 16 * quick.epochs)
-    assert long.probe_fraction == 0.75 and quick.probe_fraction == 0.0  # its head alone first (probe_first.py)
-    assert long == TrainConfig(**{**quick.__dict__, "batch_size": long.batch_size, "epochs": long.epochs,
-                                  "probe_fraction": long.probe_fraction})
+    assert long.probe_fraction == quick.probe_fraction == 0.75  # its head alone first (probe_first.py)
+    assert long == TrainConfig(**{**quick.__dict__, "batch_size": long.batch_size, "epochs": long.epochs})
     assert _config("--preset", "long", "--method", "side", "--epochs", "4").epochs == 4
     assert _config("--preset", "long", "--method", "side", "--probe-fraction", "0").probe_fraction == 0
+    # private classification runs only: no noise to spare the side network, no head to probe in generation
+    assert _config("--preset", "long", "--method", "side", "--epsilon", "inf").probe_fraction == 0
+    assert _config("--method", "side", "--epsilon", "inf").probe_fraction == 0
+    assert _config("--preset", "long", "--method", "side", "--task", "snli-generation").probe_fraction == 0
+    assert _config("--preset", "long", "--method", "lora").probe_fraction == 0
+    assert _config("--preset", "paper", "--method", "side").probe_fraction == 0
     assert _config("--preset", "long", "--method", "lora").epochs == 4
 
 

@@ -2,8 +2,7 @@
 
 `long` is `quick` at a four times larger expected batch over four epochs: the same number of steps, a
 better signal-to-noise ratio per step at the same ε, four times the compute (times: BENCHMARKS.md, "The long preset").
-The side network trains sixteen epochs in it (`_LONG_EPOCHS_OF`): four times the steps, at little more cost;
-its head trains alone for the first three quarters of them (`_LONG_PROBE_FRACTION_OF`).
+The side network trains sixteen epochs in it (`_LONG_EPOCHS_OF`): four times the steps, at little more cost.
 
 `paper` is the paper's setting (B=32, T=128, DP-Adam lr 5e-4, LoRA/adapter r=64, one epoch): the library's
 TrainConfig defaults, with the paper's δ = 1/N instead of the library's 1/(10N). It is meant for a GPU and
@@ -19,11 +18,13 @@ coordinate, so a large LoRA rank stays near chance in the steps where r=1 learns
 "Quickstart recipe"). What decides most is the head: a mean-pooling encoder is classified from the mean of
 its token states (`dpmemarc_core.pooling`), and the head, which starts from scratch, needs a rate the
 backbone's part cannot take; for full fine-tuning it also needs its own share of the clipping norm
-(`_HEAD_APART`).
+(`_HEAD_APART`), and in a private run the side network's head trains alone for the first three quarters of
+the steps (`_PROBE_FRACTION_OF`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 from dpmemarc_core.data import task_kind_of
@@ -45,13 +46,14 @@ LONG_BATCH_SIZE, LONG_EPOCHS = 512, 4.0
 # Chosen on validation (seed 0, ε = 8, 951 snippets): 4 epochs 77.5 %, 16 epochs 79.6 % (BENCHMARKS.md,
 # "The side network at 16 epochs").
 _LONG_EPOCHS_OF = {"side": 16.0}
-# Methods whose classifier head trains alone for the first part of the long preset's steps (DP linear probing,
-# then fine-tuning: training/probe_first.py). The side network's head at init reads the backbone's pooled state
-# (its up-projection starts at zero), so its first steps are a private linear probe. On validation (seeds 0-1,
-# ε = 8, 951 snippets): 0 % of the steps 78.3 % (eval loss 0.91, 620-747 s), 50 % 78.5 (0.79, 486 s), 75 % 78.5
-# (0.72, 414 s), 99 % (a probe with 3 side steps) 78.0 (0.62, 289 s): the same accuracy at lower loss in two
-# thirds of the time (BENCHMARKS.md, "Linear probing, then the side network").
-_LONG_PROBE_FRACTION_OF = {"side": 0.75}
+# Methods whose classifier head trains alone for the first part of the steps in a private classification run
+# of the quick/long presets (DP linear probing, then fine-tuning: training/probe_first.py). The side network's
+# head at init reads the backbone's pooled state (its up-projection starts at zero), so its first steps are a
+# private linear probe. On validation (seeds 0-1, ε = 8, 951 snippets; BENCHMARKS.md, "Linear probing, then the
+# side network"): long 0 % of the steps 78.3 % (eval loss 0.91), 50 % 78.5 (0.79), 75 % 78.5 (0.72) in two
+# thirds of the time; quick 0 % 74.9 (0.68), 75 % 76.1 (0.63). Private runs only: it spares the side network's
+# coordinates the noise, and without noise it only takes steps from them (at ε = ∞ it cost long side 2.7 points).
+_PROBE_FRACTION_OF = {"side": 0.75}
 
 # Per method: (learning rate, method options) of the quick preset. Methods not listed keep the paper's.
 _QUICK_METHODS: dict[str, tuple[float, dict]] = {
@@ -83,11 +85,13 @@ def preset_config(name: str, method: str = "lora", **overrides) -> TrainConfig:
         cfg = replace(cfg, batch_size=128, epochs=1.0, max_length=48, max_train=None, max_eval=None, lr=lr,
                       head_lr=head_lr, method_options=dict(options))
     if name == "long":
-        cfg = replace(cfg, batch_size=LONG_BATCH_SIZE, epochs=_LONG_EPOCHS_OF.get(method, LONG_EPOCHS),
-                      probe_fraction=_LONG_PROBE_FRACTION_OF.get(method, 0.0))
+        cfg = replace(cfg, batch_size=LONG_BATCH_SIZE, epochs=_LONG_EPOCHS_OF.get(method, LONG_EPOCHS))
     options = {**cfg.method_options, **overrides.pop("method_options", {})}
     cfg = replace(cfg, method_options=options, **overrides)
-    if name in ("quick", "long") and method in _HEAD_APART and "clip_groups" not in overrides \
-            and task_kind_of(cfg.task) == "classification":
+    classifies = task_kind_of(cfg.task) == "classification"
+    if name in ("quick", "long") and method in _HEAD_APART and "clip_groups" not in overrides and classifies:
         cfg = replace(cfg, clip_groups="head")
+    if name in ("quick", "long") and method in _PROBE_FRACTION_OF and "probe_fraction" not in overrides \
+            and classifies and math.isfinite(cfg.epsilon):
+        cfg = replace(cfg, probe_fraction=_PROBE_FRACTION_OF[method])
     return cfg
