@@ -108,6 +108,20 @@ def split_head(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[t
     return rest, head
 
 
+def split_head_required(model: torch.nn.Module, needed_by: str) -> tuple[list[torch.nn.Parameter],
+                                                                          list[torch.nn.Parameter]]:
+    """`split_head`, for a setting (`needed_by`, named in the error) that needs both parts non-empty."""
+    from dpmemarc_core.methods.placement import CLASSIFIER_HEADS
+
+    rest, head = split_head(model)
+    if not head or not rest:
+        raise ValueError(f"{needed_by} needs a trainable classifier head (a module named "
+                         f"{' or '.join(CLASSIFIER_HEADS)}) "
+                         f"and other trainable parameters; this model has {len(head)} head and {len(rest)} other "
+                         "trainable tensors")
+    return rest, head
+
+
 def parameter_groups(model: torch.nn.Module, lr: float, head_lr: float | None = None) -> list[dict]:
     """Adam's parameter groups: a classifier head's trainable parameters (`split_head`) at `head_lr`, the rest
     at `lr`. A head that starts from scratch on features that already solve much of the task learns best at a
@@ -123,14 +137,6 @@ def clip_groups(model: torch.nn.Module, choice: str) -> list[list[torch.nn.Param
     """The BK engine's clipping groups for `PrivacySettings.clip_groups`: None (one group) for "all"; for
     "head", [the rest, the head], so that the head keeps a share C/√2 of the clipping budget however large
     the rest's gradients grow (BENCHMARKS.md, "Clipping the head apart")."""
-    from dpmemarc_core.methods.placement import CLASSIFIER_HEADS
-
     if choice == "all":
         return None
-    rest, head = split_head(model)
-    if not head or not rest:
-        raise ValueError(f"clip_groups='head' needs a trainable classifier head (a module named "
-                         f"{' or '.join(CLASSIFIER_HEADS)}) "
-                         f"and other trainable parameters; this model has {len(head)} head and {len(rest)} other "
-                         "trainable tensors")
-    return [rest, head]
+    return list(split_head_required(model, "clip_groups='head'"))

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import torch
 
-from dpmemarc_core.training.bk import PrivateTrainer, split_head
+from dpmemarc_core.training.bk import PrivateTrainer, split_head_required
 
 
 def check_probe_fraction(value: object) -> float:
@@ -32,11 +32,8 @@ def probe_steps_of(probe_fraction: float, steps: int) -> int:
 
 @contextmanager
 def head_only(model: torch.nn.Module) -> Iterator[None]:
-    """Freeze every trainable parameter outside the classifier head (`split_head`) while inside."""
-    rest, head = split_head(model)
-    if not head or not rest:
-        raise ValueError(f"probe_fraction > 0 needs a trainable classifier head and other trainable parameters; "
-                         f"this model has {len(head)} head and {len(rest)} other trainable tensors")
+    """Freeze every trainable parameter outside the classifier head (`split_head_required`) while inside."""
+    rest, _ = split_head_required(model, "probe_fraction > 0")
     for param in rest:
         param.requires_grad_(False)
     try:
