@@ -792,23 +792,39 @@ def run_table(name: str, args: argparse.Namespace, config: dict, started: tuple[
 
 def scale_note(config: dict) -> str:
     """The scale and the training settings of its cells as `train_settings` resolves them (the config's preset
-    included): those every method shares, then each method's own."""
+    included): those every method shares, then each method's own; a setting a preset makes at some ε only
+    (e.g. side's probe phase, private runs only) names those ε."""
     if config["scale"] == "paper":
         return f"Scale: paper ({config['model']}; tasks {', '.join(config['tasks'])})."
-    # the settings of a private cell of the first task (a preset's choices can depend on both)
-    per_method = {m: {k: v for k, v in train_settings(config, config["tasks"][0], m, min(config["epsilons"])).items()
-                      if k not in ("model", "task", "method", "epsilon") and v != {}}
-                  for m in config["methods"]}
+    task, epsilons = config["tasks"][0], config["epsilons"]  # a preset's choices can depend on task and ε
+
+    def settings(method: str) -> dict:
+        """The settings of a private cell (the smallest ε); a value other ε do not share becomes (value, where)."""
+        at = {e: {k: v for k, v in train_settings(config, task, method, e).items()
+                  if k not in ("model", "task", "method", "epsilon") and v != {}} for e in epsilons}
+        out = {}
+        for key, value in at[min(epsilons)].items():
+            where = [e for e in epsilons if key in at[e] and at[e][key] == value]
+            out[key] = value if len(where) == len(epsilons) else (value, where)
+        return out
+
+    def shown(key: str, value) -> str:
+        if isinstance(value, tuple):
+            value, where = value
+            return f"{key}={value} (at {', '.join(epsilon_label(e) for e in where)} only)"
+        return f"{key}={value}"
+
+    per_method = {m: settings(m) for m in config["methods"]}
     shared = {k: v for k, v in next(iter(per_method.values())).items()
               if all(k in s and s[k] == v for s in per_method.values())}
     shared |= {k: "all" for k in ("max_train", "max_eval") if all(k not in s for s in per_method.values())}
-    own = ["{}: {}".format(m, ", ".join(f"{k}={v}" for k, v in s.items() if k not in shared))
+    own = ["{}: {}".format(m, ", ".join(shown(k, v) for k, v in s.items() if k not in shared))
            for m, s in per_method.items() if set(s) - set(shared)]
     text = (f"Scale: {'quick (smoke run)' if config['quick'] else 'offline'}: {config['model']} on "
             f"{', '.join(config['tasks'])}; ")
     if "preset" in config:
         text += f"each method from `dpmemarc train --preset {config['preset']}`, overridden by the config: "
-    text += ", ".join(f"{k}={v}" for k, v in sorted(shared.items()))
+    text += ", ".join(shown(k, v) for k, v in sorted(shared.items()))
     if own:
         text += f" (per method: {'; '.join(own)})"
     return text + (". These are stand-ins for the paper's models and data, so the paper's numbers in brackets are a "

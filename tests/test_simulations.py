@@ -173,6 +173,18 @@ def test_a_preset_is_the_base_that_the_config_keys_override(tmp_path, tiny_bert)
         load_config(tmp_path / "bad.toml", "offline")
 
 
+def test_scale_note_names_the_epsilons_of_a_setting_a_preset_makes_for_private_runs_only(tmp_path, tiny_bert):
+    path = write_config(tmp_path / "t.toml", tiny_bert, tiny_bert, methods=("lora", "side"), epsilons=("8.0", "inf"))
+    text = (tmp_path / "t.toml").read_text().replace("[offline]\n", '[offline]\npreset = "quick"\n')
+    (tmp_path / "t.toml").write_text(text)
+    config = load_config(path, "offline")
+    note = common.scale_note(config)
+    side = note.split("side: ")[1].split(";")[0]
+    assert "probe_fraction=0.75 (at ε=8 only)" in side  # side's probe phase: private classification runs only
+    assert "lr=0.0005" in side and "only" not in side.replace("probe_fraction=0.75 (at ε=8 only)", "")
+    assert "probe_fraction" not in note.split("side: ")[0]  # lora has no probe phase
+
+
 def test_table2_and_figure2_offline_train_the_quick_preset_on_every_movie_snippet_and_the_whole_test_split():
     from dpmemarc_core.training.presets import preset_config
 
