@@ -11,6 +11,8 @@ DP-LoRA at ε=8 by differences with 95 % Welch intervals. Memory columns simulat
 
 from __future__ import annotations
 
+import math
+import statistics
 import time
 
 from simulations import paper_numbers
@@ -23,6 +25,7 @@ from simulations.common import (
     evaluation_note,
     group_id,
     load_config,
+    margin_verdict,
     markdown_table,
     memory_cell_id,
     memory_spec,
@@ -34,6 +37,7 @@ from simulations.common import (
     seeds_note,
     sign_verdict,
     summarize,
+    welch_interval,
     with_paper,
 )
 
@@ -41,6 +45,8 @@ NAME = "table3"
 PAPER_ROWS = ("full", "lora", "adapter", "bitfit", "prompt", "side", "rev")
 METRICS = (("bleu", "BLEU", ".1f"), ("rouge_l", "ROUGE-L", ".1f"), ("perplexity", "PPL", ".2f"))
 CLAIM_EPSILON = 8.0
+# Issue 19's generation aim: DP-LoRA's perplexity at ε = 8 at most this factor above non-private LoRA's.
+PERPLEXITY_AIM = 1.15
 
 
 def summarize_cells(config: dict, train_cells: dict) -> dict:
@@ -107,6 +113,8 @@ def render(config: dict, train_cells: dict, memory_cells: dict, summary: dict) -
         baseline(config, summary),
         "",
         comparison(config, memory_cells, summary),
+        "",
+        perplexity_aim(config, summary),
     ]
     if notes.notes:
         parts += ["", notes.render()]
@@ -168,6 +176,27 @@ def comparison(config: dict, memory_cells: dict, summary: dict) -> str:
         seeds = f"{groups[method]['bleu']['n']}/{groups['lora']['bleu']['n']}"
         lines.append(f"- {method} − DP-LoRA (seeds {seeds}): " + "; ".join(parts))
     return "\n".join(lines)
+
+
+def perplexity_aim(config: dict, summary: dict) -> str:
+    """DP-LoRA's perplexity at ε=8 over non-private LoRA's as a ratio of geometric means over seeds, with the 95 %
+    Welch interval of the difference of log perplexities (the mean NLL per token), judged against the aim."""
+    (task,) = config["tasks"]
+    if "lora" not in config["methods"] or not {CLAIM_EPSILON, math.inf} <= set(config["epsilons"]):
+        return "Perplexity aim: needs lora at ε=8 and ε=∞."
+    private, public = ([math.log(v) for v in summary[group_id(task, "lora", e)]["perplexity"]["values"].values()]
+                       for e in (CLAIM_EPSILON, math.inf))
+    head = (f"Perplexity aim (DP-LoRA at ε=8 at most {PERPLEXITY_AIM:.2f}x non-private LoRA's, the same recipe; "
+            "ratio of geometric means over seeds, 95 % Welch interval on log perplexity)")
+    if not private or not public:
+        return f"{head}: lora not finished at both ε=8 and ε=∞."
+    ratio = math.exp(statistics.fmean(private) - statistics.fmean(public))
+    interval = welch_interval(public, private)  # non-private minus private: "at most log(aim) below"
+    if interval is None:
+        return f"{head}: {ratio:.2f}x (no interval; seeds {len(private)}/{len(public)})."
+    low, high = math.exp(-interval["high"]), math.exp(-interval["low"])
+    verdict = margin_verdict(interval, math.log(PERPLEXITY_AIM))
+    return f"{head}: {ratio:.2f}x [{low:.2f}, {high:.2f}] (seeds {len(private)}/{len(public)}): {verdict}."
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -584,6 +584,26 @@ def test_table3_prints_mean_sd_and_differences_with_dp_lora(tmp_path):
     assert "Before fine-tuning" in markdown and "BLEU 1.5 ± 0.0" in markdown
 
 
+@pytest.mark.parametrize("private, verdict", [((11.0, 11.5, 12.0), "fails"), ((7.5, 7.6, 7.7), "holds"),
+                                              ((7.0, 8.1, 9.5), "cannot be told apart")])
+def test_table3_judges_the_perplexity_aim_on_log_perplexity_over_seeds(tmp_path, private, verdict):
+    config = render_config(tmp_path)
+    config["tasks"], config["epsilons"] = ["synthetic-generation"], [8.0, math.inf]
+    public = (6.9, 7.0, 7.1)
+    cells = {}
+    for key, values in (("8", private), ("inf", public)):
+        for seed, value in enumerate(values):
+            cell = {"id": f"synthetic-generation__lora__eps{key}__seed{seed}", "task": "synthetic-generation",
+                    "settings": {"seed": seed}, "status": "done", "eval_examples": 64,
+                    "metrics": {"bleu": 5.0, "rouge_l": 30.0, "perplexity": value},
+                    "metrics_before": {"bleu": 1.5, "rouge_l": 11.2, "perplexity": 27.7}}
+            cells[cell["id"]] = cell
+    text = table3.perplexity_aim(config, table3.summarize_cells(config, cells))
+    log = [math.log(v) for v in private], [math.log(v) for v in public]
+    ratio = math.exp(statistics.fmean(log[0]) - statistics.fmean(log[1]))
+    assert f": {ratio:.2f}x [" in text and "(seeds 3/3)" in text
+    assert text.endswith((f": {verdict}.", f": {verdict} at this size."))
+
 def test_paper_scale_fails_fast_without_the_hub(monkeypatch, capsys):
     monkeypatch.setattr(offline, "hub_reachable", lambda: False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
