@@ -130,6 +130,16 @@ def test_shipped_configs_parse_for_every_scale():
                 assert config["seeds"] == [0, 1, 2]
 
 
+def test_the_generation_aim_config_is_table3s_offline_stand_in_on_every_pair_at_batch_128():
+    table3_config, aim = (load_config(common.CONFIG_DIR / f"{name}.toml", "offline")
+                          for name in ("table3", "table3_generation_aim"))
+    assert (aim["batch_size"], aim["physical_batch_size"], "max_train" in aim) == (128, 32, False)
+    assert aim["epsilons"] == [8.0, math.inf]
+    differ = {"batch_size", "physical_batch_size", "max_train", "epsilons", "config_path"}
+    assert {k: v for k, v in aim.items() if k not in differ} == {k: v for k, v in table3_config.items()
+                                                                 if k not in differ}
+
+
 def test_head_lr_key_reaches_the_trainer_and_a_bad_value_names_the_key(tmp_path, tiny_bert, monkeypatch):
     path = write_config(tmp_path / "t.toml", tiny_bert, tiny_bert, methods=("lora", "zo"), epsilons=("8.0",))
     text = (tmp_path / "t.toml").read_text().replace("max_steps = 1", "max_steps = 1\nlr = 1e-3\nhead_lr = 0.05")
