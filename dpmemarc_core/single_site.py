@@ -49,10 +49,10 @@ def choose_physical_batch_size(cfg: TrainConfig, config, kind: str, device: torc
                       method_options=dict(cfg.method_options),
                       zo_params=cfg.zo_params if cfg.method == "zo" else "full", task_kind=kind, num_labels=max(num_labels_of(cfg.task), 2))
     option = auto_physical_batch_size(spec, budget)
+    source = "--memory" if cfg.memory else "free CUDA memory" if device.type == "cuda" else "available RAM"
     print(f"dpmemarc: physical batch size auto: {option.physical_batch_size} ({option.steps_per_batch} micro-batch(es) "
           f"per expected batch of {cfg.batch_size}); simulated peak {format_bytes(option.peak_bytes)} in a budget of "
-          f"{format_bytes(budget)} ({'--memory' if cfg.memory else 'free CUDA memory'}); the expected batch, "
-          "the noise and the accounting are unchanged", flush=True)
+          f"{format_bytes(budget)} ({source}); the expected batch, the noise and the accounting are unchanged", flush=True)
     return option.physical_batch_size
 
 

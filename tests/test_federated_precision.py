@@ -1,5 +1,7 @@
 """Run-config keys `precision`, `memory` and `physical-batch-size = "auto"`: parsing, errors, a site's choice."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
@@ -35,6 +37,10 @@ def test_a_site_fits_its_micro_batch_to_its_budget(tmp_path, monkeypatch, capsys
         fits[memory] = site_physical_batch_size(cfg, model, "fp32", torch.device("cpu"))
     assert fits["1GiB"] == 16 and 1 <= fits["900KiB"] < 16
     assert "physical batch size auto" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="needs a memory budget"):
-        site_physical_batch_size(FederatedConfig(physical_batch_size="auto"), model, "fp32", torch.device("cpu"))
+    # Without `memory`, a CPU site's budget is the RAM available (here made as small as 900 KiB).
+    monkeypatch.setattr("psutil.virtual_memory", lambda: SimpleNamespace(available=900 * 1024))
+    assert site_physical_batch_size(FederatedConfig(physical_batch_size="auto", batch_size=16, max_length=32), model,
+                                    "fp32", torch.device("cpu")) == fits["900KiB"]
+    with pytest.raises(ValueError, match="needs a memory budget on device 'meta'"):
+        site_physical_batch_size(FederatedConfig(physical_batch_size="auto"), model, "fp32", torch.device("meta"))
     assert site_physical_batch_size(FederatedConfig(physical_batch_size=0), model, "fp32", torch.device("cpu")) is None

@@ -3,6 +3,7 @@ with fp32 to bf16 accuracy, fp32 master copies, fp16 loss scaling under per-exam
 
 import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -173,5 +174,8 @@ def test_train_records_the_precision_and_the_automatic_micro_batch(tmp_path, cap
     with pytest.raises(SystemExit):
         main([*args, "--physical-batch-size", "some"])
     assert "--physical-batch-size must be an integer >= 1 or 'auto'" in capsys.readouterr().err
-    assert main([*args, "--physical-batch-size", "auto", "--output", str(tmp_path / "x")]) == 2
-    assert "needs a memory budget" in capsys.readouterr().err
+    # Without --memory on the CPU, the budget is the RAM available (here reported as 64 GiB: the batch of 8 fits).
+    monkeypatch.setattr("psutil.virtual_memory", lambda: SimpleNamespace(available=64 * 2 ** 30))
+    assert main([*args, "--physical-batch-size", "auto", "--output", str(tmp_path / "ram")]) == 0
+    assert "in a budget of 64.00 GiB (available RAM)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "ram" / "summary.json").read_text())["config"]["physical_batch_size"] == 8

@@ -43,8 +43,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="expected (Poisson) batch size; default: the preset's")
     p.add_argument("--physical-batch-size", type=physical_batch_size_arg, default=None,
                    help="split each batch into micro-batches of this size to save memory; 'auto': the largest the "
-                        "memory simulator fits in --memory (on CUDA without --memory: the GPU's free memory); the "
-                        "expected batch, the noise and the accounting do not change")
+                        "memory simulator fits in --memory (without --memory: the GPU's free memory, or the CPU's "
+                        "available RAM); the expected batch, the noise and the accounting do not change")
     p.add_argument("--memory", type=memory_arg, default=None,
                    help="memory budget of --physical-batch-size auto, e.g. 8GiB")
     p.add_argument("--precision", choices=list(PRECISIONS), default=None,

@@ -33,8 +33,9 @@ class FederatedConfig:
 
     Defaults equal pyproject.toml's (a test keeps them in step). Zero means "unset" where TOML has no
     null: ``delta = 0`` is 1/(10N) of each site (N its number of examples), ``physical-batch-size = 0`` is the whole
-    batch at once (``"auto"``: the largest micro-batch the memory simulator fits in ``memory``, or on CUDA in the
-    GPU's free memory; each site fits its own GPU with the same privacy), ``memory = ""`` gives no budget,
+    batch at once (``"auto"``: the largest micro-batch the memory simulator fits in ``memory``, or without it in the
+    GPU's free memory or the CPU's available RAM; each site fits its own GPU with the same privacy),
+    ``memory = ""`` gives no budget,
     ``precision = "auto"`` is bf16 on a CUDA GPU that supports it and fp32 elsewhere,
     ``max-train = 0`` / ``max-eval = 0`` keep every example, ``head-lr = 0`` trains a classifier head at ``lr``, ``client-dp-target-epsilon = 0`` sets no
     client-level budget, ``labels = ""`` takes the task's label indices, ``eval-path = ""`` names no

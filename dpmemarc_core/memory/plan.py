@@ -187,14 +187,22 @@ def config_file(config) -> str:
 
 def memory_budget(memory: str | None, device: torch.device) -> int:
     """The budget of `physical batch size auto`: `memory` when given (e.g. "8GiB"), else on a CUDA device its
-    free memory plus what this process already holds there (the model, which the simulated step counts too)."""
+    free memory plus what this process already holds there (the model, which the simulated step counts too),
+    on the CPU the RAM available without swapping. The simulator reads a CPU step's peak too: SmolLM2-135M, LoRA,
+    128 examples of 96 tokens in fp32 simulate at 17.2 GiB and peaked at 19 GB resident, within its margin."""
     if memory:
         return parse_memory_size(memory, "memory")
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free) + torch.cuda.memory_allocated(device)
-    raise ValueError(f"physical batch size 'auto' needs a memory budget on device {device.type!r} (no CUDA to ask): "
-                     "give one with --memory (run config: memory), e.g. 8GiB")
+    if device.type == "cpu":
+        import psutil
+
+        # The model this process already loaded is not added back (unlike on CUDA): resident memory also holds
+        # the libraries and the data, which the simulated step does not count.
+        return int(psutil.virtual_memory().available)
+    raise ValueError(f"physical batch size 'auto' needs a memory budget on device {device.type!r} (neither CUDA "
+                     "nor the CPU's RAM to ask): give one with --memory (run config: memory), e.g. 8GiB")
 
 
 def auto_physical_batch_size(spec: MemorySpec, budget_bytes: int) -> PlanOption:

@@ -27,8 +27,9 @@ class TrainConfig:
     epochs: float | None = None
     max_steps: int | None = None
     batch_size: int = 32
-    # Micro-batch size; "auto": the largest the memory simulator fits in `memory` (or, on CUDA without it, in
-    # the GPU's free memory). It never changes the expected batch, the noise or the accounting.
+    # Micro-batch size; "auto": the largest the memory simulator fits in `memory` (or, without it, in the GPU's
+    # free memory, on the CPU in the available RAM). It never changes the expected batch, the noise or the
+    # accounting.
     physical_batch_size: int | str | None = None
     memory: str | None = None  # budget of physical_batch_size "auto", e.g. "8GiB"
     precision: str | None = None  # bf16 | fp16 | amp-bf16 | fp32; None: bf16 on a CUDA GPU that has it, else fp32
