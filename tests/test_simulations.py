@@ -130,10 +130,10 @@ def test_shipped_configs_parse_for_every_scale():
                 assert config["seeds"] == [0, 1, 2]
 
 
-def test_the_generation_aim_config_is_table3s_offline_stand_in_on_every_pair_at_batch_128():
-    table3_config, aim = (load_config(common.CONFIG_DIR / f"{name}.toml", "offline")
-                          for name in ("table3", "table3_generation_aim"))
-    assert (aim["batch_size"], aim["physical_batch_size"], "max_train" in aim) == (128, 32, False)
+@pytest.mark.parametrize("name, batch_size", [("table3_generation_aim", 128), ("table3_generation_aim_b256", 256)])
+def test_a_generation_aim_config_is_table3s_offline_stand_in_on_every_pair_at_a_larger_batch(name, batch_size):
+    table3_config, aim = (load_config(common.CONFIG_DIR / f"{config}.toml", "offline") for config in ("table3", name))
+    assert (aim["batch_size"], aim["physical_batch_size"], "max_train" in aim) == (batch_size, 32, False)
     assert aim["epsilons"] == [8.0, math.inf]
     differ = {"batch_size", "physical_batch_size", "max_train", "epsilons", "config_path"}
     assert {k: v for k, v in aim.items() if k not in differ} == {k: v for k, v in table3_config.items()
