@@ -119,15 +119,40 @@ def run_name(args: argparse.Namespace) -> str:
     return "quick" if args.quick else args.scale
 
 
+def read_config_file(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """The TOML at `path`; with a top-level `base = "other.toml"` (relative to `path`'s folder), that file's
+    sections with this file's keys in their place, key by key within a section (a table-valued key, such as
+    method_options, is replaced whole). A key set to "unset" removes the base's (TOML has no null)."""
+    path = Path(path).resolve()
+    if path in seen:
+        raise ValueError(f"{path}: its 'base' chain comes back to it ({' -> '.join(p.name for p in (*seen, path))})")
+    with open(path, "rb") as handle:
+        raw = tomllib.load(handle)
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ValueError(f"{path}: base must be the file name of another config, got {base!r}")
+    merged = read_config_file(path.parent / base, (*seen, path))
+    for section, values in raw.items():
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: top-level key {section!r} is not a section (only 'base' may be set there)")
+        into = merged.setdefault(section, {})
+        into.update(values)
+        for key in [key for key, value in values.items() if value == "unset"]:
+            del into[key]
+    return merged
+
+
 def load_config(path: Path, scale: str, quick: bool = False) -> dict:
-    """[common], overlaid with [paper] or [offline], then [quick] when asked; [memory] and the rest as they are.
+    """[common], overlaid with [paper] or [offline], then [quick] when asked; [memory] and the rest as they are
+    (after `read_config_file` applied a `base`).
 
     Raises ValueError naming the section and key for anything unknown or missing.
     """
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
-    with open(path, "rb") as handle:
-        raw = tomllib.load(handle)
+    raw = read_config_file(path)
     sections = ("common", scale) + (("quick",) if quick else ())
     merged: dict = {}
     for section in sections:

@@ -130,6 +130,25 @@ def test_shipped_configs_parse_for_every_scale():
                 assert config["seeds"] == [0, 1, 2]
 
 
+def test_a_config_with_a_base_overlays_its_sections_key_by_key_and_unset_removes_a_key(tmp_path):
+    (tmp_path / "base.toml").write_text('[common]\nmodel = "m"\ntasks = ["t"]\nmethods = ["lora"]\nepsilons = [8.0]\n'
+                                        '[common.method_options]\nlora = { r = 4 }\n'
+                                        '[offline]\nmax_train = 640\nmax_steps = 20\n[memory]\nmodel = "gpt2"\n')
+    (tmp_path / "child.toml").write_text('base = "base.toml"\n[common]\nepsilons = [1.0, inf]\n'
+                                         '[offline]\nmax_train = "unset"\nbatch_size = 128\n')
+    config = load_config(tmp_path / "child.toml", "offline")
+    assert (config["epsilons"], config["methods"]) == ([1.0, math.inf], ["lora"])
+    assert config["method_options"] == {"lora": {"r": 4}}
+    assert (config["batch_size"], config["max_steps"], "max_train" in config) == (128, 20, False)
+    assert config["memory"] == {"model": "gpt2"}
+    (tmp_path / "base.toml").write_text('base = "child.toml"\n')
+    with pytest.raises(ValueError, match="'base' chain comes back to it"):
+        load_config(tmp_path / "child.toml", "offline")
+    (tmp_path / "odd.toml").write_text('base = 3\n')
+    with pytest.raises(ValueError, match="base must be the file name of another config"):
+        load_config(tmp_path / "odd.toml", "offline")
+
+
 @pytest.mark.parametrize("name, batch_size", [("table3_generation_aim", 128), ("table3_generation_aim_b256", 256)])
 def test_a_generation_aim_config_is_table3s_offline_stand_in_on_every_pair_at_a_larger_batch(name, batch_size):
     table3_config, aim = (load_config(common.CONFIG_DIR / f"{config}.toml", "offline") for config in ("table3", name))
