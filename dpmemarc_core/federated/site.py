@@ -143,8 +143,8 @@ def site_physical_batch_size(cfg: FederatedConfig, model: nn.Module, precision: 
     """The site's micro-batch: ``physical-batch-size`` (0: None, the whole batch), or for "auto" the largest
     one whose simulated step fits this site's budget (``memory``, else the CUDA device's free memory plus what
     this process already holds there: the model, which the simulated step counts too; on the CPU the available
-    RAM). Simulations are cached on disk, so later rounds decide in milliseconds. Only the micro-batch depends on the site's GPU: the
-    expected batch, the noise and the accounting are the run's."""
+    RAM). Simulations are cached on disk, so later rounds decide in milliseconds. Only the micro-batch depends on
+    the site's GPU: the expected batch, the noise and the accounting are the run's."""
     if cfg.physical_batch_size != "auto":
         return cfg.physical_batch_size or None
     from dpmemarc_core.memory.plan import (
