@@ -633,6 +633,7 @@ def test_table3_judges_the_perplexity_aim_on_log_perplexity_over_seeds(tmp_path,
     assert f": {ratio:.2f}x [" in text and "(seeds 3/3)" in text
     assert text.endswith((f": {verdict}.", f": {verdict} at this size."))
 
+
 def test_paper_scale_fails_fast_without_the_hub(monkeypatch, capsys):
     monkeypatch.setattr(offline, "hub_reachable", lambda: False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
