@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+from types import SimpleNamespace
 
 import pytest
 import torch
 from test_side import LABELS, PAD, VOCAB, _is_generation, _side
 
 from dpmemarc_core.methods.side.state_cache import (
+    DEFAULT_MAX_BYTES,
     BackboneStateCache,
     cached_backbone_states,
+    default_max_bytes,
 )
 from dpmemarc_core.privacy import PrivacySettings
 from dpmemarc_core.training import loop
@@ -84,6 +87,13 @@ def test_left_padding_and_a_full_cache_are_computed():
         assert cache.bytes == 0 and cache.hits == 0 and cache.misses == 4
     with pytest.raises(ValueError, match="max_bytes must be >= 0"):
         BackboneStateCache(-1)
+
+
+@pytest.mark.parametrize(("available_gib", "want_gib"), [(64, DEFAULT_MAX_BYTES / 2**30), (8, 2)])
+def test_default_budget_is_a_quarter_of_available_ram_capped(monkeypatch, available_gib, want_gib) -> None:
+    # The same RAM figure `physical batch size auto` plans a CPU run against (memory.host), not a second one.
+    monkeypatch.setattr("psutil.virtual_memory", lambda: SimpleNamespace(available=available_gib * 2**30))
+    assert default_max_bytes() == want_gib * 2**30
 
 
 def _count_rows(model: torch.nn.Module) -> list[int]:

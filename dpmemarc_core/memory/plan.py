@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from dpmemarc_core.memory.cache import cache_root, cached
+from dpmemarc_core.memory.host import available_ram_bytes
 from dpmemarc_core.memory.step import GIB, MemorySpec, step_memory
 from dpmemarc_core.privacy.settings import check_count
 
@@ -196,11 +197,9 @@ def memory_budget(memory: str | None, device: torch.device) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         return int(free) + torch.cuda.memory_allocated(device)
     if device.type == "cpu":
-        import psutil
-
         # The model this process already loaded is not added back (unlike on CUDA): resident memory also holds
         # the libraries and the data, which the simulated step does not count.
-        return int(psutil.virtual_memory().available)
+        return available_ram_bytes()
     raise ValueError(f"physical batch size 'auto' needs a memory budget on device {device.type!r} (neither CUDA "
                      "nor the CPU's RAM to ask): give one with --memory (run config: memory), e.g. 8GiB")
 

@@ -12,11 +12,12 @@ Nothing leaves the process: the cache lives in the training run's memory and is 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+
+from dpmemarc_core.memory.host import available_ram_bytes
 
 Row = tuple[torch.Tensor, torch.Tensor]
 # Enough for ~9.5k MiniLM examples of 48 tokens in fp32; past it, new inputs are computed and not stored.
@@ -92,12 +93,8 @@ def assemble(rows: list[Row], padded: int, device: torch.device) -> tuple[list[t
 
 
 def default_max_bytes() -> int:
-    """DEFAULT_MAX_BYTES, or a quarter of the memory free now where that is less."""
-    try:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):  # not a POSIX system that reports it
-        return DEFAULT_MAX_BYTES
-    return min(DEFAULT_MAX_BYTES, free // 4)
+    """DEFAULT_MAX_BYTES, or a quarter of the RAM available now where that is less (the rest is the run's)."""
+    return min(DEFAULT_MAX_BYTES, available_ram_bytes() // 4)
 
 
 @contextmanager
