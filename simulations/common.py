@@ -514,8 +514,8 @@ def memory_jobs(specs: Iterable[dict]) -> list[tuple[str, dict, Callable[[], dic
     cache's `code_fingerprint` (the sources a simulated step runs, the shipped model configs, the torch /
     transformers / peft / opacus versions), so a library change recomputes the stored cells rather than
     showing figures the simulator no longer gives. A source hash, not a version constant bumped by hand:
-    nobody has to remember it, and it hashes file contents by relative path, so every clone of one commit
-    (with the same library versions) agrees on it."""
+    nobody has to remember it, and it hashes the code (syntax trees without docstrings) by relative path, so
+    every clone of one commit (with the same library versions) agrees on it and a reworded comment keeps it."""
     from dpmemarc_core.memory.cache import code_fingerprint
 
     jobs, seen = [], set()

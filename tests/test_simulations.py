@@ -434,7 +434,7 @@ def test_a_memory_cell_simulated_by_other_code_is_computed_again(tmp_path, monke
     assert run_cells(store, common.memory_jobs([spec]))[cell_id]["peak_gib"] == 1.27 and len(simulated) == 1
 
 
-def test_the_code_fingerprint_follows_step_sources_not_mtimes_or_paths(tmp_path, monkeypatch):
+def test_the_code_fingerprint_follows_step_code_not_comments_mtimes_or_paths(tmp_path, monkeypatch):
     from dpmemarc_core.memory import cache
 
     def fingerprint_of(package) -> str:
@@ -453,6 +453,8 @@ def test_the_code_fingerprint_follows_step_sources_not_mtimes_or_paths(tmp_path,
         assert fingerprint_of(tmp_path / "a") == first == fingerprint_of(tmp_path / "b")  # another clone, same bytes
         (tmp_path / "a" / "cli" / "main.py").write_text("print('a command the step never runs')\n")
         assert fingerprint_of(tmp_path / "a") == first
+        (tmp_path / "a" / "methods" / "lora.py").write_text('"""LoRA, reworded."""\n\nR = (  # why 64\n    64)\n')
+        assert fingerprint_of(tmp_path / "a") == first  # docstring, comment and layout: the same code
         (tmp_path / "a" / "methods" / "lora.py").write_text("R = 32\n")
         assert fingerprint_of(tmp_path / "a") != first
     finally:

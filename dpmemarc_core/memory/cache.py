@@ -10,6 +10,7 @@ a stale figure. Only simulations are cached: a measurement on a real device is a
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
@@ -36,19 +37,34 @@ def cache_root() -> Path:
 
 @lru_cache(maxsize=1)
 def code_fingerprint() -> str:
-    """Hash of the package sources a simulated step runs and of the shipped configs, and of the versions of the
-    libraries it runs through."""
+    """Hash of the package sources a simulated step runs (their code, not comments or docstrings) and of the
+    shipped configs, and of the versions of the libraries it runs through."""
     digest = hashlib.sha256()
     skipped = {path for pattern in _NOT_IN_THE_STEP for path in _PACKAGE_DIR.glob(pattern)}
     for path in sorted({*_PACKAGE_DIR.rglob("*.py"), *_PACKAGE_DIR.rglob("*.json")} - skipped):
         digest.update(str(path.relative_to(_PACKAGE_DIR)).encode())
-        digest.update(path.read_bytes())
+        digest.update(_code_of(path))
     for name in _VERSIONED:
         try:
             digest.update(f"{name}={metadata.version(name)}".encode())
         except metadata.PackageNotFoundError:
             digest.update(f"{name}=absent".encode())
     return digest.hexdigest()
+
+
+def _code_of(path: Path) -> bytes:
+    """A Python source's syntax tree without its docstrings (comments never reach the tree), so rewording either
+    keeps every cached simulation; any other file's bytes."""
+    if path.suffix != ".py":
+        return path.read_bytes()
+    tree = ast.parse(path.read_bytes(), filename=str(path))
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            del body[0]
+    return ast.dump(tree).encode()
 
 
 def _model_bytes(model: str) -> str:
