@@ -47,12 +47,14 @@ def choose_physical_batch_size(cfg: TrainConfig, config, kind: str, device: torc
     spec = MemorySpec(model=config_file(config), method=cfg.method, batch_size=cfg.batch_size, seq_len=cfg.max_length,
                       precision=cfg.precision, device="meta", epsilon=cfg.epsilon, clipping_mode=cfg.clipping_mode,
                       method_options=dict(cfg.method_options),
-                      zo_params=cfg.zo_params if cfg.method == "zo" else "full", task_kind=kind, num_labels=max(num_labels_of(cfg.task), 2))
+                      zo_params=cfg.zo_params if cfg.method == "zo" else "full", task_kind=kind,
+                      num_labels=max(num_labels_of(cfg.task), 2))
     option = auto_physical_batch_size(spec, budget)
     source = "--memory" if cfg.memory else "free CUDA memory" if device.type == "cuda" else "available RAM"
-    print(f"dpmemarc: physical batch size auto: {option.physical_batch_size} ({option.steps_per_batch} micro-batch(es) "
-          f"per expected batch of {cfg.batch_size}); simulated peak {format_bytes(option.peak_bytes)} in a budget of "
-          f"{format_bytes(budget)} ({source}); the expected batch, the noise and the accounting are unchanged", flush=True)
+    print(f"dpmemarc: physical batch size auto: {option.physical_batch_size} ({option.steps_per_batch} "
+          f"micro-batch(es) per expected batch of {cfg.batch_size}); simulated peak {format_bytes(option.peak_bytes)} "
+          f"in a budget of {format_bytes(budget)} ({source}); the expected batch, the noise and the accounting are "
+          "unchanged", flush=True)
     return option.physical_batch_size
 
 
