@@ -149,12 +149,13 @@ def test_a_config_with_a_base_overlays_its_sections_key_by_key_and_unset_removes
         load_config(tmp_path / "odd.toml", "offline")
 
 
-@pytest.mark.parametrize("name, batch_size", [("table3_generation_aim", 128), ("table3_generation_aim_b256", 256)])
-def test_a_generation_aim_config_is_table3s_offline_stand_in_on_every_pair_at_a_larger_batch(name, batch_size):
+@pytest.mark.parametrize("name, batch_size, seeds", [("table3_generation_aim", 128, 3),
+                                                     ("table3_generation_aim_b256", 256, 5)])
+def test_a_generation_aim_config_is_table3s_offline_stand_in_on_every_pair_at_a_larger_batch(name, batch_size, seeds):
     table3_config, aim = (load_config(common.CONFIG_DIR / f"{config}.toml", "offline") for config in ("table3", name))
     assert (aim["batch_size"], aim["physical_batch_size"], "max_train" in aim) == (batch_size, 32, False)
-    assert aim["epsilons"] == [8.0, math.inf]
-    differ = {"batch_size", "physical_batch_size", "max_train", "epsilons", "config_path"}
+    assert aim["epsilons"] == [8.0, math.inf] and aim["seeds"] == list(range(seeds))
+    differ = {"batch_size", "physical_batch_size", "max_train", "epsilons", "seeds", "config_path"}
     assert {k: v for k, v in aim.items() if k not in differ} == {k: v for k, v in table3_config.items()
                                                                  if k not in differ}
 
