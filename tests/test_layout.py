@@ -15,6 +15,7 @@ PACKAGE = Path(dpmemarc_core.__file__).resolve().parent
 LEVELS = {
     "privacy": 0,
     "offline": 1, "data": 1, "models": 1, "losses": 1, "metrics": 1, "site_data": 1, "pooling": 1,
+    "host_memory": 1,
     "methods": 2,
     "training": 3,
     # The runs: the single-site run and a federated site fit their micro-batch with the memory planner.

@@ -91,7 +91,7 @@ def test_left_padding_and_a_full_cache_are_computed():
 
 @pytest.mark.parametrize(("available_gib", "want_gib"), [(64, DEFAULT_MAX_BYTES / 2**30), (8, 2)])
 def test_default_budget_is_a_quarter_of_available_ram_capped(monkeypatch, available_gib, want_gib) -> None:
-    # The same RAM figure `physical batch size auto` plans a CPU run against (memory.host), not a second one.
+    # The same RAM figure `physical batch size auto` plans a CPU run against (host_memory), not a second one.
     monkeypatch.setattr("psutil.virtual_memory", lambda: SimpleNamespace(available=available_gib * 2**30))
     assert default_max_bytes() == want_gib * 2**30
 

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 
 import torch
 
-from dpmemarc_core.memory.host import available_ram_bytes
+from dpmemarc_core.host_memory import available_ram_bytes
 
 Row = tuple[torch.Tensor, torch.Tensor]
 # Enough for ~9.5k MiniLM examples of 48 tokens in fp32; past it, new inputs are computed and not stored.
