@@ -11,7 +11,8 @@ import dpmemarc_core
 
 PACKAGE = Path(dpmemarc_core.__file__).resolve().parent
 # Level of each top-level part of the package. Level 1 holds the shared utilities (models, data, losses,
-# metrics, offline assets, a site's data file): used from methods upwards, above nothing but privacy.
+# metrics, offline assets, a site's data file, the host's available RAM): used from methods upwards, above
+# nothing but privacy.
 LEVELS = {
     "privacy": 0,
     "offline": 1, "data": 1, "models": 1, "losses": 1, "metrics": 1, "site_data": 1, "pooling": 1,

@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from dpmemarc_core.memory.cache import cache_root, cached
 from dpmemarc_core.host_memory import available_ram_bytes
+from dpmemarc_core.memory.cache import cache_root, cached
 from dpmemarc_core.memory.step import GIB, MemorySpec, step_memory
 from dpmemarc_core.privacy.settings import check_count
 
