@@ -578,29 +578,38 @@ def summarize(cells: Iterable[dict | None], read: Callable[[dict], float | None]
     return {**mean_sd(list(values.values())), "values": values}
 
 
-def welch_interval(a: list[float], b: list[float], level: float = 0.95) -> dict | None:
-    """mean(a) - mean(b) with its Welch t interval (unequal variances, Welch-Satterthwaite degrees of freedom);
-    None with fewer than two values on either side. Values that do not vary give a zero-width interval."""
-    if len(a) < 2 or len(b) < 2:
+PAIRED_INTERVAL = ("95 % paired t interval (a seed gives both arms the same data split and initialisation, so the "
+                   "difference is taken within each seed)")
+
+
+def paired_interval(a: dict[str, float], b: dict[str, float], level: float = 0.95) -> dict | None:
+    """mean(a − b) over the seeds both have, with its paired t interval (n − 1 degrees of freedom); None with
+    fewer than two shared seeds. Paired because a seed fixes the data split and the initialisation of every cell
+    it trains: the two arms of a comparison share them by design, so their values are not independent samples
+    (an unpaired interval assumes they are). Differences that do not vary give a zero-width interval."""
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
         return None
     from scipy import stats
 
-    difference = statistics.fmean(a) - statistics.fmean(b)
-    var_a, var_b = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
-    se = math.sqrt(var_a + var_b)
-    if se == 0:
-        return {"difference": difference, "low": difference, "high": difference, "df": None, "level": level}
-    df = (var_a + var_b) ** 2 / (var_a ** 2 / (len(a) - 1) + var_b ** 2 / (len(b) - 1))
+    differences = [a[s] - b[s] for s in seeds]
+    difference = statistics.fmean(differences)
+    se = statistics.stdev(differences) / math.sqrt(len(differences))
+    df = len(differences) - 1
     half = float(stats.t.ppf(0.5 + level / 2, df)) * se
-    return {"difference": difference, "low": difference - half, "high": difference + half, "df": df, "level": level}
+    return {"difference": difference, "low": difference - half, "high": difference + half, "df": df,
+            "level": level, "pairs": len(seeds)}
 
 
-def difference_text(a: list[float], b: list[float], fmt: str = ".1f", unit: str = " points") -> tuple[str, dict | None]:
-    """mean(a) - mean(b) as text with its 95 % Welch interval ("+1.2 points [-0.3, +2.7]"), or "(no interval)"
-    after it with fewer than two values on a side; and the interval (None then). Both lists must be non-empty."""
-    interval = welch_interval(a, b)
+def difference_text(a: dict[str, float], b: dict[str, float], fmt: str = ".1f",
+                    unit: str = " points") -> tuple[str, dict | None]:
+    """mean(a − b) over the shared seeds as text with its 95 % paired interval ("+1.2 points [-0.3, +2.7]"), and
+    the interval; with fewer than two shared seeds, the difference of the means of all values with "(no
+    interval)" after it, and None. Both dicts (seed → value) must be non-empty."""
+    interval = paired_interval(a, b)
     if interval is None:
-        return f"{statistics.fmean(a) - statistics.fmean(b):+{fmt}}{unit} (no interval)", None
+        return (f"{statistics.fmean(a.values()) - statistics.fmean(b.values()):+{fmt}}{unit} (no interval)",
+                None)
     return (f"{interval['difference']:+{fmt}}{unit} [{interval['low']:+{fmt}}, {interval['high']:+{fmt}}]",
             interval)
 
@@ -608,7 +617,7 @@ def difference_text(a: list[float], b: list[float], fmt: str = ".1f", unit: str 
 def margin_verdict(interval: dict | None, margin: float) -> str:
     """The claim "a is at most `margin` below b", judged on the interval of mean(a) - mean(b)."""
     if interval is None:
-        return "cannot be told apart at this size (needs at least 2 seeds of each)"
+        return "cannot be told apart at this size (needs at least 2 seeds in both)"
     if interval["low"] >= -margin:
         return "holds"
     if interval["high"] < -margin:
@@ -619,7 +628,7 @@ def margin_verdict(interval: dict | None, margin: float) -> str:
 def sign_verdict(interval: dict | None, higher: str, lower: str) -> str:
     """Whether mean(a) - mean(b) is told apart from zero by its interval."""
     if interval is None:
-        return "cannot be told apart at this size (needs at least 2 seeds of each)"
+        return "cannot be told apart at this size (needs at least 2 seeds in both)"
     if interval["low"] > 0:
         return higher
     if interval["high"] < 0:

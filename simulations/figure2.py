@@ -16,6 +16,7 @@ from pathlib import Path
 
 from simulations import paper_numbers
 from simulations.common import (
+    PAIRED_INTERVAL,
     PRIOR_Z,
     CellStore,
     Footnotes,
@@ -127,15 +128,15 @@ def render(config: dict, train_cells: dict, memory_cells: dict, summary: dict) -
 
 
 def claim_check(config: dict, summary: dict) -> str:
-    """The paper's reading (F = LoRA best), as LoRA minus each other F with its 95 % Welch interval over seeds."""
+    """The paper's reading (F = LoRA best), as LoRA minus each other F with its 95 % paired interval over seeds."""
     variants = variants_of(config)
-    lines = ["Claim check (the paper: F = LoRA is best): LoRA's mean accuracy minus each other F's, with the 95 % "
-             "Welch t interval over seeds."]
+    lines = ["Claim check (the paper: F = LoRA is best): the mean over seeds of LoRA's accuracy minus each other "
+             f"F's, with its {PAIRED_INTERVAL}."]
     if "lora" not in variants or summary["lora"]["accuracy"]["n"] == 0:
         return "\n".join(lines + ["- LoRA has not finished"])
-    lora = list(summary["lora"]["accuracy"]["values"].values())
+    lora = summary["lora"]["accuracy"]["values"]
     for name, variant in variants.items():
-        values = list(summary[name]["accuracy"]["values"].values())
+        values = summary[name]["accuracy"]["values"]
         if name == "lora" or not values:
             continue
         gap, interval = difference_text(lora, values)

@@ -6,7 +6,7 @@
     python -m simulations.table2 --jobs 2             # two cells at a time, one process and half the cores each
 
 Every accuracy is the mean ± sd over the config's seeds; cells at the class prior are labelled so. The claim
-check prints side/rev − DP-LoRA at ε=8 with a 95 % Welch interval and a verdict. Memory columns simulate the
+check prints side/rev − DP-LoRA at ε=8 with a 95 % paired interval over seeds and a verdict. Memory columns simulate the
 paper's exact setting (RoBERTa-large, B=32, T=128, bf16) at every scale.
 
 Offline, the private linear probe (DP logistic regression on the frozen MiniLM's mean-pooled features; no
@@ -25,6 +25,7 @@ from pathlib import Path
 
 from simulations import paper_numbers
 from simulations.common import (
+    PAIRED_INTERVAL,
     PRIOR_Z,
     PROBE_DEFAULT_DELTA,
     PROBE_ROW,
@@ -206,7 +207,7 @@ def render(config: dict, train_cells: dict, memory_cells: dict, summary: dict,
 
 def claim_check(config: dict, train_cells: dict, memory_cells: dict, summary: dict) -> str:
     """The paper's claim at ε=8: side and rev within ~2 points of DP-LoRA at several times less memory, as the
-    difference of mean accuracies with its 95 % Welch interval over seeds and a verdict."""
+    mean difference in accuracy with its 95 % paired interval over seeds and a verdict."""
     if not {"lora", "side", "rev"} <= set(config["methods"]) or CLAIM_EPSILON not in config["epsilons"]:
         return "Claim check: needs lora, side, rev at ε=8."
 
@@ -215,8 +216,8 @@ def claim_check(config: dict, train_cells: dict, memory_cells: dict, summary: di
         return cell["peak_gib"] if cell and cell.get("status") == "done" else None
 
     lines = [(f"Claim check (ε=8): side and rev at most {CLAIM_POINTS:g} accuracy points below DP-LoRA, with "
-              "several times less memory. Accuracy: difference of the means over seeds with its 95 % Welch t "
-              f"interval; the claim holds when the whole interval lies above -{CLAIM_POINTS:g}, fails when it lies "
+              "several times less memory. Accuracy: the mean over seeds of the per-seed difference with its "
+              f"{PAIRED_INTERVAL}; the claim holds when the whole interval lies above -{CLAIM_POINTS:g}, fails when it lies "
               "below, and cannot be told apart at this size otherwise.")]
     lora_memory = peak("lora")
     for method in ("side", "rev"):
@@ -237,7 +238,7 @@ def claim_check(config: dict, train_cells: dict, memory_cells: dict, summary: di
         verdicts = []
         for method in ("side", "rev"):
             ours = groups[method]["accuracy"]
-            gap, interval = difference_text(list(ours["values"].values()), list(lora["values"].values()))
+            gap, interval = difference_text(ours["values"], lora["values"])
             verdict = ("says nothing: " + ", ".join(no_result) if no_result
                        else margin_verdict(interval, CLAIM_POINTS))
             verdicts.append(f"{method} − DP-LoRA {gap}: {verdict}")

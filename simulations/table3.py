@@ -6,7 +6,7 @@
     python -m simulations.table3 --jobs 2             # two cells at a time, one process and half the cores each
 
 Every BLEU / ROUGE-L / perplexity is the mean ± sd over the config's seeds; side and rev are compared with
-DP-LoRA at ε=8 by differences with 95 % Welch intervals. Memory columns simulate the paper's exact setting (GPT-2-large, B=32, T=128, bf16) at every scale.
+DP-LoRA at ε=8 by differences with 95 % paired intervals over seeds. Memory columns simulate the paper's exact setting (GPT-2-large, B=32, T=128, bf16) at every scale.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import time
 
 from simulations import paper_numbers
 from simulations.common import (
+    PAIRED_INTERVAL,
     Footnotes,
     cell_value,
     difference_text,
@@ -29,6 +30,7 @@ from simulations.common import (
     markdown_table,
     memory_cell_id,
     memory_spec,
+    paired_interval,
     parse_args,
     run_table,
     scale_note,
@@ -37,7 +39,6 @@ from simulations.common import (
     seeds_note,
     sign_verdict,
     summarize,
-    welch_interval,
     with_paper,
 )
 
@@ -142,14 +143,15 @@ def format_mean_sd(summary: dict, fmt: str) -> str:
 
 
 def comparison(config: dict, memory_cells: dict, summary: dict) -> str:
-    """side and rev against DP-LoRA at ε=8: each metric's difference of means with its 95 % Welch interval over
+    """side and rev against DP-LoRA at ε=8: each metric's difference of means with its 95 % paired interval over
     seeds, and the simulated memory ratio."""
     if not {"lora", "side", "rev"} <= set(config["methods"]) or CLAIM_EPSILON not in config["epsilons"]:
         return "Comparison with DP-LoRA: needs lora, side, rev at ε=8."
     (task,) = config["tasks"]
     groups = {m: summary[group_id(task, m, CLAIM_EPSILON)] for m in ("lora", "side", "rev")}
     lines = [("Comparison with DP-LoRA (ε=8; the paper: side and rev generate about as well with about half the "
-              "memory): difference of the means over seeds with its 95 % Welch t interval.")]
+              "memory): the mean over seeds of the per-seed difference with its "
+              f"{PAIRED_INTERVAL}.")]
 
     def peak(method: str) -> float | None:
         cell = memory_cells.get(memory_cell_id(memory_spec(config, method, CLAIM_EPSILON)))
@@ -165,8 +167,8 @@ def comparison(config: dict, memory_cells: dict, summary: dict) -> str:
             continue
         parts = []
         for metric, label, fmt in METRICS:
-            gap, interval = difference_text(list(groups[method][metric]["values"].values()),
-                                            list(groups["lora"][metric]["values"].values()), fmt, unit="")
+            gap, interval = difference_text(groups[method][metric]["values"], groups["lora"][metric]["values"],
+                                            fmt, unit="")
             higher, lower = ("worse", "better") if metric == "perplexity" else ("better", "worse")
             if interval is None:
                 parts.append(f"{label} {gap}")
@@ -179,24 +181,26 @@ def comparison(config: dict, memory_cells: dict, summary: dict) -> str:
 
 
 def perplexity_aim(config: dict, summary: dict) -> str:
-    """DP-LoRA's perplexity at ε=8 over non-private LoRA's as a ratio of geometric means over seeds, with the 95 %
-    Welch interval of the difference of log perplexities (the mean NLL per token), judged against the aim."""
+    """DP-LoRA's perplexity at ε=8 over non-private LoRA's: the geometric mean over seeds of the per-seed ratio,
+    with the 95 % paired interval of the difference of log perplexities (the mean NLL per token), judged against
+    the aim."""
     (task,) = config["tasks"]
     if "lora" not in config["methods"] or not {CLAIM_EPSILON, math.inf} <= set(config["epsilons"]):
         return "Perplexity aim: needs lora at ε=8 and ε=∞."
-    private, public = ([math.log(v) for v in summary[group_id(task, "lora", e)]["perplexity"]["values"].values()]
+    private, public = ({seed: math.log(v)
+                        for seed, v in summary[group_id(task, "lora", e)]["perplexity"]["values"].items()}
                        for e in (CLAIM_EPSILON, math.inf))
     head = (f"Perplexity aim (DP-LoRA at ε=8 at most {PERPLEXITY_AIM:.2f}x non-private LoRA's, the same recipe; "
-            "ratio of geometric means over seeds, 95 % Welch interval on log perplexity)")
+            "geometric mean over seeds of the per-seed ratio, 95 % paired interval on log perplexity)")
     if not private or not public:
         return f"{head}: lora not finished at both ε=8 and ε=∞."
-    ratio = math.exp(statistics.fmean(private) - statistics.fmean(public))
-    interval = welch_interval(public, private)  # non-private minus private: "at most log(aim) below"
+    interval = paired_interval(public, private)  # non-private minus private: "at most log(aim) below"
     if interval is None:
+        ratio = math.exp(statistics.fmean(private.values()) - statistics.fmean(public.values()))
         return f"{head}: {ratio:.2f}x (no interval; seeds {len(private)}/{len(public)})."
-    low, high = math.exp(-interval["high"]), math.exp(-interval["low"])
+    ratio, low, high = (math.exp(-interval[key]) for key in ("difference", "high", "low"))
     verdict = margin_verdict(interval, math.log(PERPLEXITY_AIM))
-    return f"{head}: {ratio:.2f}x [{low:.2f}, {high:.2f}] (seeds {len(private)}/{len(public)}): {verdict}."
+    return f"{head}: {ratio:.2f}x [{low:.2f}, {high:.2f}] (seed pairs {interval['pairs']}): {verdict}."
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,7 +35,7 @@ def test_groups_are_mean_and_sd_over_the_seeds_done(tmp_path):
 
 def test_claims_judge_each_aim(tmp_path):
     cells = tmp_path / "cells"
-    for seed, (private, public, low) in enumerate([(0.775, 0.78, 0.76), (0.78, 0.785, 0.755), (0.772, 0.79, 0.74)]):
+    for seed, (private, public, low) in enumerate([(0.775, 0.78, 0.76), (0.78, 0.787, 0.755), (0.772, 0.779, 0.74)]):
         write_summary(cells, "lora", seed, "8", private)
         write_summary(cells, "lora", seed, "inf", public)
         write_summary(cells, "lora", seed, "1.6", low)
@@ -44,8 +44,10 @@ def test_claims_judge_each_aim(tmp_path):
     assert "lora at ε = 8 ≥ 77 %: mean 77.6 (met, n = 3)" in lines
     assert "side at ε = 8 ≥ 77 %: mean 69.6 (not met, n = 3)" in lines
     assert "lora at ε = 1.6 ≥ 75 %: mean 75.2 (met, n = 3)" in lines
+    # Paired by seed: lora − non-private -0.5, -0.7, -0.7 points ([-0.9, -0.3], above -2); side 8 points lower
     verdicts = [line for line in lines.splitlines() if "non-private LoRA" in line]
     assert "holds" in verdicts[0] and "fails" in verdicts[1], verdicts
+    assert "[-0.9, -0.3] (95 % paired, 3 seeds)" in verdicts[0], verdicts
 
 
 def test_an_aim_on_fewer_seeds_than_three_is_not_called_met(tmp_path):

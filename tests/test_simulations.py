@@ -34,11 +34,11 @@ from simulations.common import (
     load_config,
     margin_verdict,
     no_change,
+    paired_interval,
     run_cells,
     sign_verdict,
     summarize,
     unlearned,
-    welch_interval,
 )
 
 
@@ -269,20 +269,26 @@ def test_seed_text_shows_mean_sd_and_says_which_seeds_are_missing_or_failed():
     assert notes.notes == ["RuntimeError: out of memory"]
 
 
-def test_welch_interval_matches_scipy_and_a_hand_computation():
+def test_paired_interval_matches_scipy_and_a_hand_computation():
     from scipy import stats
 
-    side, lora = [58.8, 61.0, 60.2, 57.4], [62.4, 64.8, 63.0]
-    interval = welch_interval(side, lora)
-    low, high = stats.ttest_ind(side, lora, equal_var=False).confidence_interval(0.95)
+    side = {"0": 58.8, "1": 61.0, "2": 60.2, "3": 57.4}
+    lora = {"0": 62.4, "1": 64.8, "2": 63.0, "3": 59.9}
+    interval = paired_interval(side, lora)
+    low, high = stats.ttest_rel(list(side.values()), list(lora.values())).confidence_interval(0.95)
     assert (interval["low"], interval["high"]) == (pytest.approx(low), pytest.approx(high))
-    # By hand: a = [77, 78, 79], b = [79, 80, 81]: difference -2, each variance 1 over 3 seeds, so se = sqrt(2/3)
-    # and Welch's df = (2/3)^2 / (2 * (1/3)^2 / 2) = 4; t(0.975, 4) = 2.7764.
-    hand = welch_interval([77.0, 78.0, 79.0], [79.0, 80.0, 81.0])
-    assert hand["difference"] == pytest.approx(-2.0) and hand["df"] == pytest.approx(4.0)
-    assert hand["high"] - hand["difference"] == pytest.approx(2.7764 * (2 / 3) ** 0.5, abs=1e-4)
-    assert welch_interval([1.0], [1.0, 2.0]) is None
-    flat = welch_interval([60.2, 60.2], [60.2, 60.2])
+    assert interval["pairs"] == 4 and interval["df"] == 3
+    # By hand: per-seed differences -1, -2, -3: mean -2, sd 1, se 1/sqrt(3), t(0.975, 2) = 4.3027.
+    hand = paired_interval({"0": 77.0, "1": 78.0, "2": 79.0}, {"0": 78.0, "1": 80.0, "2": 82.0})
+    assert hand["difference"] == pytest.approx(-2.0)
+    assert hand["high"] - hand["difference"] == pytest.approx(4.3027 / 3 ** 0.5, abs=1e-4)
+    # Only the seeds both arms have are paired; a seed on one side alone is left out.
+    assert paired_interval({"0": 77.0, "1": 78.0, "5": 10.0}, {"0": 78.0, "1": 80.0, "2": 82.0})["pairs"] == 2
+    assert paired_interval({"0": 1.0, "1": 2.0}, {"1": 1.0, "2": 2.0}) is None
+    # The pairing is what it buys: a seed that is hard for both arms no longer widens the interval.
+    shifted = paired_interval({"0": 70.0, "1": 80.0, "2": 75.0}, {"0": 69.0, "1": 79.2, "2": 73.9})
+    assert shifted["low"] > 0
+    flat = paired_interval({"0": 60.2, "1": 61.0}, {"0": 60.2, "1": 61.0})
     assert flat["low"] == flat["high"] == 0.0
 
 
@@ -327,11 +333,12 @@ def test_no_change_flags_accuracy_within_sampling_noise_of_where_training_starte
 
 
 def test_difference_text_gives_the_interval_or_says_there_is_none():
-    text, interval = difference_text([80.0, 82.0, 81.0], [78.0, 79.0, 77.0])
-    assert interval == welch_interval([80.0, 82.0, 81.0], [78.0, 79.0, 77.0])
+    ours, theirs = {"0": 80.0, "1": 82.0, "2": 81.0}, {"0": 78.0, "1": 79.0, "2": 77.0}
+    text, interval = difference_text(ours, theirs)
+    assert interval == paired_interval(ours, theirs)
     assert text == f"+3.0 points [{interval['low']:+.1f}, {interval['high']:+.1f}]" and interval["low"] > 0
-    assert difference_text([80.0], [78.0, 79.0]) == ("+1.5 points (no interval)", None)
-    assert difference_text([11.0, 12.0], [10.0, 10.5], ".2f", unit="")[0].startswith("+1.25 [")
+    assert difference_text({"0": 80.0}, {"0": 78.0, "1": 79.0}) == ("+1.5 points (no interval)", None)
+    assert difference_text({"0": 11.0, "1": 12.0}, {"0": 10.0, "1": 10.5}, ".2f", unit="")[0].startswith("+1.25 [")
 
 
 def test_unlearned_names_the_class_prior_before_no_change():
@@ -538,7 +545,7 @@ def render_config(tmp_path) -> dict:
 def test_table2_prints_mean_sd_claim_intervals_and_class_prior_labels(tmp_path):
     config = render_config(tmp_path)
     counts = {"0": 40, "1": 60}
-    accuracy = {"lora": (0.79, 0.80, 0.81), "side": (0.77, 0.78, 0.79), "rev": (0.85, 0.86, 0.87),
+    accuracy = {"lora": (0.79, 0.80, 0.81), "side": (0.77, 0.785, 0.785), "rev": (0.85, 0.86, 0.87),
                 "bitfit": (0.60, 0.61, 0.59)}
     cells = {}
     for method, values in accuracy.items():
@@ -559,12 +566,13 @@ def test_table2_prints_mean_sd_claim_intervals_and_class_prior_labels(tmp_path):
     unchanged = table2.render(config, cells, {}, table2.summarize_cells(config, cells))
     assert "| MemDPT_side | … (6.23) | no change[^2] (95.44) |" in unchanged
     assert "[^2]: no change: the mean accuracy moved +0.0 points from before training (78.0 %)" in unchanged
-    assert "side − DP-LoRA -2.0 points [-4.3, +0.3]: says nothing: side unchanged by training" in unchanged
+    assert "side − DP-LoRA -2.0 points [-3.2, -0.8]: says nothing: side unchanged by training" in unchanged
     for seed in range(3):
         cells[f"synthetic__side__eps8__seed{seed}"]["metrics_before"]["accuracy"] = 0.5
-    # side - lora: -2 with Welch df 4, t = 2.776, se = sqrt(2/3): [-4.3, +0.3] straddles -2
-    assert "side − DP-LoRA -2.0 points [-4.3, +0.3]: cannot be told apart at this size" in markdown
-    assert "rev − DP-LoRA +5.5 points [" in markdown and "]: holds" in markdown
+    # side - lora per seed: -2, -1.5, -2.5: mean -2, sd 0.5, t(0.975, 2) = 4.303: [-3.2, -0.8] straddles -2
+    assert "side − DP-LoRA -2.0 points [-3.2, -0.8]: cannot be told apart at this size" in markdown
+    # rev has seeds 0 and 1 only: paired with LoRA's, +6 on both (85 - 79, 86 - 80)
+    assert "rev − DP-LoRA +6.0 points [+6.0, +6.0]: holds" in markdown
     assert "seeds lora/side/rev: 3/3/2" in markdown and "synthetic n = 100" in markdown
     for seed, value in enumerate((0.70, 0.71, 0.72)):  # side 8.7 points below: the claim fails
         cells[f"synthetic__side__eps8__seed{seed}"]["metrics"]["accuracy"] = value
@@ -633,7 +641,7 @@ def test_table3_judges_the_perplexity_aim_on_log_perplexity_over_seeds(tmp_path,
     text = table3.perplexity_aim(config, table3.summarize_cells(config, cells))
     log = [math.log(v) for v in private], [math.log(v) for v in public]
     ratio = math.exp(statistics.fmean(log[0]) - statistics.fmean(log[1]))
-    assert f": {ratio:.2f}x [" in text and "(seeds 3/3)" in text
+    assert f": {ratio:.2f}x [" in text and "(seed pairs 3)" in text
     assert text.endswith((f": {verdict}.", f": {verdict} at this size."))
 
 
@@ -762,15 +770,15 @@ def test_figure2_trains_every_shipped_f_at_the_scale_rank_and_sizes_memory_at_th
 
 def test_figure2_claim_check_gives_lora_minus_each_other_f_with_its_interval(tmp_path):
     config = load_config(CONFIG_DIR / "figure2.toml", "offline")
-    accuracy = {"lora": (80.0, 81.0, 82.0), "parallel_adapter": (70.0, 71.0, 72.0), "prefix": (80.0, 81.0, 82.0),
+    accuracy = {"lora": (80.0, 81.0, 82.0), "parallel_adapter": (70.0, 71.5, 71.5), "prefix": (80.5, 80.5, 82.0),
                 "dylora": (79.0,)}
     summary = {name: {"accuracy": summarize([done_cell(s, v / 100) for s, v in enumerate(values)],
                                             lambda c: 100.0 * c["metrics"]["accuracy"])}
                for name, values in accuracy.items()}
     text = figure2.claim_check(config, summary)
-    # +10 with Welch df 4, t = 2.776, se = sqrt(2/3): [+7.7, +12.3]
-    assert "- LoRA − Parallel adapter: +10.0 points [+7.7, +12.3]: LoRA higher" in text
-    assert "- LoRA − Prefix tuning: +0.0 points [-2.3, +2.3]: cannot be told apart at this size" in text
+    # per seed +10, +9.5, +10.5: mean +10, sd 0.5, t(0.975, 2) = 4.303, se = 0.5 / sqrt(3): [+8.8, +11.2]
+    assert "- LoRA − Parallel adapter: +10.0 points [+8.8, +11.2]: LoRA higher" in text
+    assert "- LoRA − Prefix tuning: +0.0 points [-1.2, +1.2]: cannot be told apart at this size" in text
     assert "- LoRA − DyLoRA: +2.0 points (no interval): cannot be told apart at this size (needs at least 2" in text
     summary["lora"]["accuracy"] = summarize([], lambda c: 0.0)
     assert "- LoRA has not finished" in figure2.claim_check(config, summary)
