@@ -1,4 +1,4 @@
-"""Private linear probe: DP logistic regression on the frozen MiniLM's sentence embeddings of movie snippets.
+"""Private linear probe: DP logistic regression on the frozen MiniLM's sentence embeddings of a one-text task.
 
 The baseline row of BENCHMARKS.md ("Private recipe"): no backbone weight is trained, so it shows how much of
 the task the frozen features already solve under DP. It is also the cheap instrument behind the head recipe
@@ -7,6 +7,7 @@ its features are cached, and each private run then takes seconds. The training l
 `PrivateTrainer` (BK clipping, Poisson batches, noise, DP-Adam, RDP accounting) on a Linear head.
 
     python benchmarks/private_probe.py --epsilon 8 --seeds 0,1,2            # test accuracy, mean ± sd
+    python benchmarks/private_probe.py --task rotten-tomatoes ...          # the other one-text offline task
     python benchmarks/private_probe.py --validation --lr 0.05,0.1 ...      # sweep on a split of train only
 
 `--validation` carves 10 % of the training split off (as `dpmemarc train --validation` does) and reports
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dpmemarc_core.data import _movie_sentiment, _split
+from dpmemarc_core.data import _movie_sentiment, _rotten_tomatoes, _split
 from dpmemarc_core.models import load_backbone
 from dpmemarc_core.privacy import PrivacySettings, noise_multiplier_for
 from dpmemarc_core.privacy.settings import DEFAULT_DELTA_RULE, DELTA_RULES
@@ -35,6 +36,9 @@ from dpmemarc_core.training.config import sample_rate_for
 
 CACHE = Path.home() / ".cache" / "dpmemarc" / "probe-features"
 POOLINGS = ("mean", "pooler", "cls")
+# The offline classification tasks of one text per example, by `dpmemarc train --task` name: the loader splits
+# by seed as training does. SNLI (a premise and a hypothesis) would need pair embeddings: not a probe here.
+TASKS = {"movie-sentiment": _movie_sentiment, "rotten-tomatoes": _rotten_tomatoes}
 
 
 class LinearProbe(nn.Module):
@@ -53,15 +57,15 @@ class LinearProbe(nn.Module):
         return type("Output", (), {"logits": self.classifier(features)})()
 
 
-def embed(max_length: int) -> dict[str, torch.Tensor]:
-    """Features of every movie snippet, keyed by pooling: mean-pooled last hidden states, the BERT pooler
-    output and the [CLS] state, in the order of `all_snippets`; cached on disk."""
-    path = CACHE / f"movie-sentiment-T{max_length}.pt"
+def embed(max_length: int, task: str = "movie-sentiment") -> dict[str, torch.Tensor]:
+    """Features of every text of `task`, keyed by pooling: mean-pooled last hidden states, the BERT pooler
+    output and the [CLS] state, in the order of `all_texts`; cached on disk."""
+    path = CACHE / f"{task}-T{max_length}.pt"
     if path.exists():
         return torch.load(path)
     model, tokenizer = load_backbone("minilm", "classification")
     model.eval()
-    texts = all_snippets()
+    texts = all_texts(task)
     feats: dict[str, list[torch.Tensor]] = {name: [] for name in POOLINGS}
     for start in range(0, len(texts), 256):
         batch = tokenizer(texts[start:start + 256], truncation=True, max_length=max_length, padding=True,
@@ -78,15 +82,15 @@ def embed(max_length: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def all_snippets() -> list[str]:
-    train_rows, eval_rows = _movie_sentiment(0, None, None)
+def all_texts(task: str = "movie-sentiment") -> list[str]:
+    train_rows, eval_rows = TASKS[task](0, None, None)
     return sorted({row["text"] for row in train_rows + eval_rows})
 
 
-def split_features(features: torch.Tensor, seed: int) -> tuple[torch.Tensor, ...]:
+def split_features(features: torch.Tensor, seed: int, task: str = "movie-sentiment") -> tuple[torch.Tensor, ...]:
     """Train and test features and labels of `seed`'s split, as `dpmemarc train --seed` splits the data."""
-    index = {text: i for i, text in enumerate(all_snippets())}
-    train_rows, eval_rows = _movie_sentiment(seed, None, None)
+    index = {text: i for i, text in enumerate(all_texts(task))}
+    train_rows, eval_rows = TASKS[task](seed, None, None)
 
     def rows_of(rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         return features[[index[r["text"]] for r in rows]], torch.tensor([r["label"] for r in rows])
@@ -121,6 +125,8 @@ def run_probe(features: torch.Tensor, labels: torch.Tensor, eval_features: torch
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="movie-sentiment", choices=sorted(TASKS),
+                        help="offline one-text classification task (default %(default)s)")
     parser.add_argument("--epsilon", default="8", help="comma-separated; inf for non-private")
     parser.add_argument("--seeds", default="0,1,2", help="public seeds: data split and head initialisation")
     parser.add_argument("--pooling", default="mean", help=f"comma-separated, of {POOLINGS}")
@@ -151,11 +157,11 @@ def main() -> None:
             for i in args.init.split(",") for b in args.batch_size.split(",") for ep in args.epochs.split(",")
             for lr in args.lr.split(",") for c in args.max_grad_norm.split(",") for f in args.clip_fn.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
-    features = embed(args.max_length)
+    features = embed(args.max_length, args.task)
     for setting in grid:
         accs = []
         for seed in seeds:
-            x, y, ex, ey = split_features(features[setting["pooling"]], seed)
+            x, y, ex, ey = split_features(features[setting["pooling"]], seed, args.task)
             if args.validation:
                 train_idx, val_idx = _split(list(range(len(x))), seed + 1)
                 x, y, ex, ey = x[train_idx], y[train_idx], x[val_idx], y[val_idx]
@@ -165,8 +171,8 @@ def main() -> None:
             accs.append(run_probe(x, y, ex, ey, delta=delta, **{k: v for k, v in setting.items()
                                                                  if k not in ("pooling", "normalize")}))
         sd = statistics.stdev(accs) if len(accs) > 1 else math.nan
-        row = {**setting, "delta": args.delta, "split": "validation" if args.validation else "test", "seeds": seeds,
-               "accuracy": accs, "mean": float(np.mean(accs)), "sd": sd}
+        row = {"task": args.task, **setting, "delta": args.delta, "split": "validation" if args.validation else "test",
+               "seeds": seeds, "accuracy": accs, "mean": float(np.mean(accs)), "sd": sd}
         print(json.dumps(row), flush=True)
         if args.json:
             with args.json.open("a") as out:

@@ -542,8 +542,10 @@ def mean_sd(values: list[float]) -> dict:
 
 
 PROBE_ROW = "private linear probe (baseline)"
-# What benchmarks/private_probe.py wrote before it had --delta (and still writes by default).
+# What benchmarks/private_probe.py wrote before it had --delta (and still writes by default), and the one task it
+# embedded before it had --task.
 PROBE_DEFAULT_DELTA = "1/(10N)"
+PROBE_DEFAULT_TASK = "movie-sentiment"
 
 
 def _delta_key(delta: str | float) -> str | float:
@@ -554,16 +556,19 @@ def _delta_key(delta: str | float) -> str | float:
         return str(delta)
 
 
-def read_probe(path: Path, delta: str | float = PROBE_DEFAULT_DELTA) -> dict[str, dict]:
+def read_probe(path: Path, delta: str | float = PROBE_DEFAULT_DELTA,
+               task: str = PROBE_DEFAULT_TASK) -> dict[str, dict]:
     """The private linear probe's test accuracy in % (mean ± sd over its seeds, and each seed's value) by ε key,
-    from the JSON lines of `benchmarks/private_probe.py --json`, at privacy parameter `delta` only (a probe at
-    another δ is another baseline). A validation sweep's lines are not results; a later line for the same ε wins."""
+    from the JSON lines of `benchmarks/private_probe.py --json`, on `task` at privacy parameter `delta` only (a
+    probe at another δ is another baseline). A validation sweep's lines are not results; a later line for the same
+    ε wins."""
     if not path.exists():
         return {}
     found = {}
     for line in path.read_text().splitlines():
         row = json.loads(line)
-        if row.get("split") == "test" and _delta_key(row.get("delta", PROBE_DEFAULT_DELTA)) == _delta_key(delta):
+        if (row.get("split") == "test" and row.get("task", PROBE_DEFAULT_TASK) == task
+                and _delta_key(row.get("delta", PROBE_DEFAULT_DELTA)) == _delta_key(delta)):
             values = [100 * a for a in row["accuracy"]]
             found[epsilon_key(float(row["epsilon"]))] = {
                 **mean_sd(values), "values": {str(s): v for s, v in zip(row.get("seeds", range(len(values))), values)}}

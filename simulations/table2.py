@@ -6,14 +6,14 @@
     python -m simulations.table2 --jobs 2             # two cells at a time, one process and half the cores each
 
 Every accuracy is the mean ± sd over the config's seeds; cells at the class prior are labelled so. The claim
-check prints side/rev − DP-LoRA at ε=8 with a 95 % paired interval over seeds and a verdict. Memory columns simulate the
-paper's exact setting (RoBERTa-large, B=32, T=128, bf16) at every scale.
+check prints side/rev − DP-LoRA at ε=8 with a 95 % paired interval over seeds and a verdict. Memory columns
+simulate the paper's exact setting (RoBERTa-large, B=32, T=128, bf16) at every scale.
 
 Offline, the private linear probe (DP logistic regression on the frozen MiniLM's mean-pooled features; no
-backbone weight trained) is the baseline row of the movie-snippets columns, read from probe.jsonl beside the
-table when it was made at the table's δ, on the same seeds' splits:
+backbone weight trained) is the baseline row of the movie-snippets and Rotten Tomatoes columns, read from
+probe.jsonl beside the table when it was made at the table's δ, on the same seeds' splits (T = the table's):
 
-    python benchmarks/private_probe.py --seeds 0,1,2 --epsilon 1.6,8,inf --pooling mean --normalize 0 \
+    python benchmarks/private_probe.py --task T --seeds 0,1,2 --epsilon 1.6,8,inf --pooling mean --normalize 0 \
         --init random --batch-size 512 --epochs 30 --lr 0.005 --delta 1/N --json results/table2/offline/probe.jsonl
 """
 
@@ -63,9 +63,9 @@ NAME = "table2"
 PAPER_ROWS = ("full", "lora", "adapter", "bitfit", "prompt", "side", "rev")
 CLAIM_EPSILON = 8.0
 CLAIM_POINTS = 2.0
-# The probe embeds the movie snippets with the offline MiniLM (benchmarks/private_probe.py): its row has no
-# other column.
-PROBE_MODEL, PROBE_TASK = "minilm", "movie-sentiment"
+# The probe embeds one-text tasks with the offline MiniLM (benchmarks/private_probe.py, its TASKS): its row has no
+# other column, and none for SNLI's text pairs.
+PROBE_MODEL, PROBE_TASKS = "minilm", ("movie-sentiment", "rotten-tomatoes")
 
 
 def paper_column(config: dict, task: str) -> str | None:
@@ -124,17 +124,17 @@ def prior_footnote(config: dict, summary: dict, task: str) -> str:
             "the label frequencies, not the task, so its number is no result (it is in the JSON).")
 
 
-def probe_row(config: dict, probe: dict[str, dict]) -> list[str]:
-    """The private linear probe's row: its accuracy over the config's seeds in the movie-snippets columns,
-    '…' for an ε it has not run, '—' where it does not apply."""
+def probe_row(config: dict, probe: dict[str, dict[str, dict]]) -> list[str]:
+    """The private linear probe's row: its accuracy over the config's seeds in the columns of each task it embeds
+    (`probe`: task → `read_probe`), '…' for an ε it has not run, '—' where it does not apply."""
     row = [PROBE_ROW] + ["—"] * len(config["epsilons"])
     seeds = [str(s) for s in config["seeds"]]
     for task in config["tasks"]:
         for e in config["epsilons"]:
-            if task != PROBE_TASK:
+            if task not in PROBE_TASKS:
                 row.append("—")
                 continue
-            values = probe.get(epsilon_key(e), {}).get("values", {})
+            values = probe.get(task, {}).get(epsilon_key(e), {}).get("values", {})
             found = mean_sd([values[s] for s in seeds if s in values])
             text = "…" if found["n"] == 0 else f"{found['mean']:.1f}"
             if found["sd"] is not None:
@@ -146,8 +146,8 @@ def probe_row(config: dict, probe: dict[str, dict]) -> list[str]:
 
 
 def render(config: dict, train_cells: dict, memory_cells: dict, summary: dict,
-           probe: dict[str, dict] | None = None) -> str:
-    """The table; `probe` (of `read_probe`) adds the private linear probe as a baseline row."""
+           probe: dict[str, dict[str, dict]] | None = None) -> str:
+    """The table; `probe` (task → `read_probe`) adds the private linear probe as a baseline row."""
     notes = Footnotes()
     epsilons = config["epsilons"]
     header = ["Method"] + [f"Memory GiB {epsilon_label(e)}" for e in epsilons]
@@ -181,7 +181,7 @@ def render(config: dict, train_cells: dict, memory_cells: dict, summary: dict,
                                lambda c: 100.0 * c["trainable_parameters"] / c["total_parameters"], ".2f", notes)
         row.append(with_paper(share, paper and paper["trainable_percent"], ".2f"))
         rows.append(row)
-    if probe and config["model"] == PROBE_MODEL and PROBE_TASK in config["tasks"]:
+    if probe and config["model"] == PROBE_MODEL and any(probe.get(task) for task in config["tasks"]):
         rows.append(probe_row(config, probe))
 
     parts = [
@@ -217,8 +217,8 @@ def claim_check(config: dict, train_cells: dict, memory_cells: dict, summary: di
 
     lines = [(f"Claim check (ε=8): side and rev at most {CLAIM_POINTS:g} accuracy points below DP-LoRA, with "
               "several times less memory. Accuracy: the mean over seeds of the per-seed difference with its "
-              f"{PAIRED_INTERVAL}; the claim holds when the whole interval lies above -{CLAIM_POINTS:g}, fails when it lies "
-              "below, and cannot be told apart at this size otherwise.")]
+              f"{PAIRED_INTERVAL}; the claim holds when the whole interval lies above -{CLAIM_POINTS:g}, fails "
+              "when it lies below, and cannot be told apart at this size otherwise.")]
     lora_memory = peak("lora")
     for method in ("side", "rev"):
         if lora_memory and peak(method):
@@ -254,8 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter(), time.time()
     args = parse_args(NAME, __doc__.splitlines()[0], argv)
     config = load_config(args.config, args.scale, args.quick)
-    probe = read_probe(Path(args.results) / NAME / run_name(args) / "probe.jsonl",
-                       config.get("delta", PROBE_DEFAULT_DELTA))
+    probe = {task: read_probe(Path(args.results) / NAME / run_name(args) / "probe.jsonl",
+                              config.get("delta", PROBE_DEFAULT_DELTA), task)
+             for task in config["tasks"] if task in PROBE_TASKS}
     return run_table(NAME, args, config, started, summarize_cells, partial(render, probe=probe))
 
 

@@ -6,7 +6,8 @@
     python -m simulations.table3 --jobs 2             # two cells at a time, one process and half the cores each
 
 Every BLEU / ROUGE-L / perplexity is the mean ± sd over the config's seeds; side and rev are compared with
-DP-LoRA at ε=8 by differences with 95 % paired intervals over seeds. Memory columns simulate the paper's exact setting (GPT-2-large, B=32, T=128, bf16) at every scale.
+DP-LoRA at ε=8 by differences with 95 % paired intervals over seeds. Memory columns simulate the paper's exact
+setting (GPT-2-large, B=32, T=128, bf16) at every scale.
 """
 
 from __future__ import annotations

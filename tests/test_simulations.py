@@ -580,28 +580,34 @@ def test_table2_prints_mean_sd_claim_intervals_and_class_prior_labels(tmp_path):
     assert "]: fails" in table2.render(config, cells, {}, table2.summarize_cells(config, cells))
 
 
-def test_table2_shows_the_private_probe_at_its_delta_as_the_movie_snippets_baseline(tmp_path):
+def test_table2_shows_the_private_probe_at_its_delta_as_the_baseline_of_each_task_it_embeds(tmp_path):
     probe = tmp_path / "probe.jsonl"
     lines = [{"epsilon": 8.0, "delta": "1/N", "split": "test", "seeds": [0, 1, 2], "accuracy": [0.77, 0.78, 0.76]},
              {"epsilon": 8.0, "split": "test", "seeds": [0, 1, 2], "accuracy": [0.5, 0.5, 0.5]},  # δ = 1/(10N)
              {"epsilon": 8.0, "delta": "1/N", "split": "validation", "seeds": [0], "accuracy": [0.9]},
-             {"epsilon": float("inf"), "delta": "1/N", "split": "test", "seeds": [0, 5], "accuracy": [0.8, 0.1]}]
+             {"epsilon": float("inf"), "delta": "1/N", "split": "test", "seeds": [0, 5], "accuracy": [0.8, 0.1]},
+             {"task": "rotten-tomatoes", "epsilon": 8.0, "delta": "1/N", "split": "test", "seeds": [0, 1, 2],
+              "accuracy": [0.74, 0.75, 0.73]}]
     probe.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     assert common.read_probe(tmp_path / "absent.jsonl", "1/N") == {}
     assert common.read_probe(probe)["8"]["mean"] == pytest.approx(50.0)  # the default δ's line only
-    found = common.read_probe(probe, "1/N")
+    found = common.read_probe(probe, "1/N")  # lines without a task are movie snippets (the probe's first task)
     assert found["8"]["values"] == pytest.approx({"0": 77.0, "1": 78.0, "2": 76.0})
+    rotten = common.read_probe(probe, "1/N", "rotten-tomatoes")
+    assert set(rotten) == {"8"} and rotten["8"]["mean"] == pytest.approx(74.0)
     probe.write_text(json.dumps({"epsilon": 8.0, "delta": "1e-5", "split": "test", "accuracy": [0.7]}) + "\n")
     assert common.read_probe(probe, 1e-05)["8"]["mean"] == pytest.approx(70.0)  # a number matches as a number
     config = render_config(tmp_path)
     config["epsilons"] = [1.6, 8.0, math.inf]
     summary = table2.summarize_cells(config, {})
-    assert common.PROBE_ROW not in table2.render(config, {}, {}, summary, probe=found)  # not the probe's task
-    config |= {"model": table2.PROBE_MODEL, "tasks": [table2.PROBE_TASK]}
+    assert common.PROBE_ROW not in table2.render(config, {}, {}, summary, probe={})  # not the probe's task
+    config |= {"model": table2.PROBE_MODEL, "tasks": ["movie-sentiment", "rotten-tomatoes", "snli"]}
     summary = table2.summarize_cells(config, {})
-    markdown = table2.render(config, {}, {}, summary, probe=found)
-    # seed 5 is not one of the table's seeds [0, 1, 2]: ε=∞ shows seed 0 alone, marked as one of three
-    assert f"| {common.PROBE_ROW} | — | — | — | … | 77.0 ± 1.0 | 80.0 (n=1) | — |" in markdown
+    markdown = table2.render(config, {}, {}, summary, probe={"movie-sentiment": found, "rotten-tomatoes": rotten})
+    # seed 5 is not one of the table's seeds [0, 1, 2]: ε=∞ shows seed 0 alone, marked as one of three; Rotten
+    # Tomatoes has ε=8 only; SNLI's text pairs have no probe
+    assert (f"| {common.PROBE_ROW} | — | — | — | … | 77.0 ± 1.0 | 80.0 (n=1) | … | 74.0 ± 1.0 | … | — | — | — | — |"
+            in markdown)
 
 
 def test_table3_prints_mean_sd_and_differences_with_dp_lora(tmp_path):
