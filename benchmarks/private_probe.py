@@ -57,7 +57,7 @@ class LinearProbe(nn.Module):
         return type("Output", (), {"logits": self.classifier(features)})()
 
 
-def embed(max_length: int, task: str = "movie-sentiment") -> dict[str, torch.Tensor]:
+def embed(max_length: int, task: str) -> dict[str, torch.Tensor]:
     """Features of every text of `task`, keyed by pooling: mean-pooled last hidden states, the BERT pooler
     output and the [CLS] state, in the order of `all_texts`; cached on disk."""
     path = CACHE / f"{task}-T{max_length}.pt"
@@ -82,12 +82,12 @@ def embed(max_length: int, task: str = "movie-sentiment") -> dict[str, torch.Ten
     return out
 
 
-def all_texts(task: str = "movie-sentiment") -> list[str]:
+def all_texts(task: str) -> list[str]:
     train_rows, eval_rows = TASKS[task](0, None, None)
     return sorted({row["text"] for row in train_rows + eval_rows})
 
 
-def split_features(features: torch.Tensor, seed: int, task: str = "movie-sentiment") -> tuple[torch.Tensor, ...]:
+def split_features(features: torch.Tensor, seed: int, task: str) -> tuple[torch.Tensor, ...]:
     """Train and test features and labels of `seed`'s split, as `dpmemarc train --seed` splits the data."""
     index = {text: i for i, text in enumerate(all_texts(task))}
     train_rows, eval_rows = TASKS[task](seed, None, None)
